@@ -1,0 +1,219 @@
+//! Endpoints the gateway answers itself: health, metrics, model lists, config, log level.
+
+use std::sync::atomic::Ordering;
+
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::tcp::TcpOwnedWriteHalf;
+
+use crate::error::DataplaneError;
+use crate::http::{self, BodyKind, ChunkedParser, Request};
+use crate::io::ClientReader;
+use crate::proxy::{bearer, ct_eq, reply_error, Outcome};
+use crate::server::Worker;
+use crate::snapshot::Snapshot;
+
+/// Admin request bodies are small JSON documents.
+const ADMIN_BODY_LIMIT: usize = 64 * 1024;
+
+pub async fn handle(
+    worker: &Worker,
+    snap: &Snapshot,
+    req: Request,
+    reader: &mut ClientReader,
+    writer: &mut TcpOwnedWriteHalf,
+) -> Outcome {
+    let method = req.head.method.clone();
+    let path = req.head.uri.path().to_owned();
+    // The body is read first, so the connection stays in step whatever we answer.
+    let body = match read_small_body(reader, &req).await {
+        Ok(body) => body,
+        Err(e) => return reply_error(worker, writer, None, e, false).await,
+    };
+    let keep = req.keep_alive;
+    let draining = worker.shared.draining.load(Ordering::Relaxed);
+    let (status, content_type, payload): (u16, &str, Vec<u8>) =
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/health") if draining => (
+                503,
+                "application/json",
+                br#"{"status":"draining"}"#.to_vec(),
+            ),
+            ("GET", "/health") => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
+            ("GET", "/metrics") => (
+                200,
+                "text/plain; version=0.0.4",
+                crate::metrics::render(snap, &worker.shared.metrics).into_bytes(),
+            ),
+            ("GET", "/v1/models") => (200, "application/json", snap.models_list_json.to_vec()),
+            ("GET", "/gateway/config") => {
+                let mut config: serde_json::Value =
+                    serde_json::from_slice(&snap.config_json).unwrap_or(serde_json::json!({}));
+                // The live level, which PUT /gateway/log-level may have changed.
+                if let Some(gateway) = config.get_mut("gateway").and_then(|g| g.as_object_mut()) {
+                    gateway.insert(
+                        "log_level".into(),
+                        level_name(worker.shared.log_level.get()).into(),
+                    );
+                }
+                (
+                    200,
+                    "application/json",
+                    serde_json::to_vec(&config).unwrap_or_default(),
+                )
+            }
+            ("GET", "/gateway/models") => (200, "application/json", models_json(snap)),
+            ("PUT", "/gateway/log-level") => {
+                if let Err(e) = check_admin(snap, &req) {
+                    return reply_error(worker, writer, None, e, keep).await;
+                }
+                match set_log_level(worker, &body) {
+                    Ok(level) => (
+                        200,
+                        "application/json",
+                        serde_json::to_vec(&serde_json::json!({"level": level}))
+                            .unwrap_or_default(),
+                    ),
+                    Err(e) => return reply_error(worker, writer, None, e, keep).await,
+                }
+            }
+            (
+                _,
+                "/health" | "/metrics" | "/v1/models" | "/gateway/config" | "/gateway/models"
+                | "/gateway/log-level",
+            ) => {
+                let e = DataplaneError::MethodNotAllowed {
+                    method: method.to_string(),
+                    path,
+                };
+                return reply_error(worker, writer, None, e, keep).await;
+            }
+            _ => {
+                let e = DataplaneError::NotFound {
+                    method: method.to_string(),
+                    path,
+                };
+                return reply_error(worker, writer, None, e, keep).await;
+            }
+        };
+    let response = http::simple_response(status, content_type, &payload, &[], keep);
+    let (res, _) = writer.write_all(response).await;
+    Outcome {
+        keep_alive: keep && res.is_ok(),
+    }
+}
+
+pub fn check_admin(snap: &Snapshot, req: &Request) -> Result<(), DataplaneError> {
+    match &snap.settings.admin_token {
+        None => Ok(()),
+        Some(token) => match bearer(req) {
+            Some(presented) if ct_eq(presented, token) => Ok(()),
+            _ => Err(DataplaneError::AdminUnauthorized),
+        },
+    }
+}
+
+fn set_log_level(worker: &Worker, body: &[u8]) -> Result<&'static str, DataplaneError> {
+    let bad =
+        || DataplaneError::BadRequest("send {\"level\":\"error|warn|info|debug|trace\"}".into());
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| bad())?;
+    let level = match value.get("level").and_then(|l| l.as_str()) {
+        Some("error") => slog::Level::Error,
+        Some("warn") => slog::Level::Warning,
+        Some("info") => slog::Level::Info,
+        Some("debug") => slog::Level::Debug,
+        Some("trace") => slog::Level::Trace,
+        _ => return Err(bad()),
+    };
+    worker.shared.log_level.set(level);
+    Ok(level_name(level))
+}
+
+pub fn level_name(level: slog::Level) -> &'static str {
+    match level {
+        slog::Level::Critical | slog::Level::Error => "error",
+        slog::Level::Warning => "warn",
+        slog::Level::Info => "info",
+        slog::Level::Debug => "debug",
+        slog::Level::Trace => "trace",
+    }
+}
+
+fn models_json(snap: &Snapshot) -> Vec<u8> {
+    let models: Vec<_> = snap
+        .models
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "name": &*m.name,
+                "aliases": m.aliases.iter().map(|a| &**a).collect::<Vec<_>>(),
+                "upstream_model": &*m.upstream_model,
+                "runtime": m.runtime,
+                "state": m.state.as_str(),
+                "in_flight": m.shared.admission.in_flight(),
+                "queued": m.shared.admission.queued(),
+                "max_concurrent": m.max_concurrent,
+                "max_queue_size": m.max_queue_size,
+                "endpoints": m.endpoints.iter().map(|e| &*e.url).collect::<Vec<_>>(),
+                "vram_mib": m.vram_mib,
+                "pinned": m.pinned,
+                "last_used_ms": m.shared.last_used_ms.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    serde_json::to_vec(&models).unwrap_or_default()
+}
+
+/// Read a whole small body, de-chunked.
+async fn read_small_body(
+    reader: &mut ClientReader,
+    req: &Request,
+) -> Result<Vec<u8>, DataplaneError> {
+    let too_large = DataplaneError::BodyTooLarge {
+        limit: ADMIN_BODY_LIMIT,
+    };
+    match req.body {
+        BodyKind::None | BodyKind::UntilClose => Ok(Vec::new()),
+        BodyKind::Length(n) if n as usize > ADMIN_BODY_LIMIT => Err(too_large),
+        BodyKind::Length(n) => loop {
+            let buf = reader.buffer().ok_or(DataplaneError::ClientGone)?;
+            if buf.len() >= n as usize {
+                return Ok(buf.split_to(n as usize).to_vec());
+            }
+            if reader
+                .fill()
+                .await
+                .map_err(|_| DataplaneError::ClientGone)?
+                == 0
+            {
+                return Err(DataplaneError::ClientGone);
+            }
+        },
+        BodyKind::Chunked => {
+            let mut parser = ChunkedParser::default();
+            let mut body = Vec::new();
+            loop {
+                let buf = reader.buffer().ok_or(DataplaneError::ClientGone)?;
+                let fed = parser
+                    .feed(buf, |d| body.extend_from_slice(d))
+                    .map_err(|why| {
+                        DataplaneError::BadRequest(format!("bad chunked body: {why}"))
+                    })?;
+                let _ = buf.split_to(fed.consumed);
+                if body.len() > ADMIN_BODY_LIMIT {
+                    return Err(too_large);
+                }
+                if fed.done {
+                    return Ok(body);
+                }
+                if reader
+                    .fill()
+                    .await
+                    .map_err(|_| DataplaneError::ClientGone)?
+                    == 0
+                {
+                    return Err(DataplaneError::ClientGone);
+                }
+            }
+        }
+    }
+}
