@@ -271,9 +271,17 @@ mod tests {
             })
             .collect();
         drop(first);
-        assert!(poll_once(&mut queued[0]).is_ready());
+        let Poll::Ready(second) = poll_once(&mut queued[0]) else {
+            panic!("the first waiter was not served first")
+        };
         assert!(poll_once(&mut queued[1]).is_pending());
         assert!(poll_once(&mut queued[2]).is_pending());
+        drop(second);
+        let Poll::Ready(third) = poll_once(&mut queued[1]) else {
+            panic!("the second waiter was not served second")
+        };
+        assert!(poll_once(&mut queued[2]).is_pending());
+        drop(third);
     }
 
     #[derive(Debug, Clone)]

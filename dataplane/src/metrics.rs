@@ -179,7 +179,8 @@ pub fn render(snapshot: &Snapshot, global: &GlobalMetrics) -> String {
             );
         }
     }
-    let counters: [(&str, fn(&ModelMetrics) -> &AtomicU64); 3] = [
+    type Counter = fn(&ModelMetrics) -> &AtomicU64;
+    let counters: [(&str, Counter); 3] = [
         ("gateway_upstream_retries_total", |m| &m.upstream_retries),
         ("gateway_model_starts_total", |m| &m.starts),
         ("gateway_evictions_total", |m| &m.evictions),

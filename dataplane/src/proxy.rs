@@ -1,6 +1,5 @@
 //! One proxied request: find `model`, admit, forward with retries, relay the response.
 
-use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +15,7 @@ use crate::error::DataplaneError;
 use crate::extract::{find_model, rewrite, Extract};
 use crate::http::{self, BodyKind, ChunkedParser, Request};
 use crate::io::{race, read_more, ClientReader, Either};
-use crate::server::Worker;
+use crate::server::{LocalSnapshot, Worker};
 use crate::snapshot::{Endpoint, ModelRoute, ModelState, Snapshot};
 use crate::ControlRequest;
 
@@ -77,7 +76,7 @@ pub fn bearer(req: &Request) -> Option<&[u8]> {
 
 pub async fn proxy(
     worker: &Worker,
-    snap: Rc<Arc<Snapshot>>,
+    snap: LocalSnapshot,
     req: Request,
     reader: &mut ClientReader,
     writer: &mut TcpOwnedWriteHalf,
@@ -261,10 +260,10 @@ pub async fn proxy(
 /// Returns the snapshot in which the model is ready.
 async fn wait_until_ready(
     worker: &Worker,
-    mut snap: Rc<Arc<Snapshot>>,
+    mut snap: LocalSnapshot,
     name: &str,
     reader: &mut ClientReader,
-) -> Result<(Rc<Arc<Snapshot>>, Arc<ModelRoute>), (Rc<Arc<Snapshot>>, DataplaneError)> {
+) -> Result<(LocalSnapshot, Arc<ModelRoute>), (LocalSnapshot, DataplaneError)> {
     let Some(route) = snap.route(name).cloned() else {
         let e = DataplaneError::ModelNotFound {
             model: name.into(),
