@@ -32,9 +32,6 @@ pub struct ClientReader {
     eof: bool,
 }
 
-/// Stop watching for disconnects once this much unread data is buffered (pipelining).
-const WATCH_BUFFER_LIMIT: usize = 256 * 1024;
-
 impl ClientReader {
     pub fn new(half: TcpOwnedReadHalf) -> Self {
         ClientReader {
@@ -91,17 +88,30 @@ impl ClientReader {
         }
     }
 
+    /// Wait for a read left running by `gone` to finish, so the buffer is available.
+    /// Returns false when the client has gone away.
+    pub async fn settle(&mut self) -> bool {
+        if let ReadState::Pending(_) = self.state {
+            if !matches!(self.fill().await, Ok(n) if n > 0) {
+                return false;
+            }
+        }
+        matches!(self.state, ReadState::Idle(..))
+    }
+
     /// Read more into the buffer. Cancel-safe: a dropped call keeps its read for the next.
     pub async fn fill(&mut self) -> io::Result<usize> {
         poll_fn(|cx| self.poll_fill(cx)).await
     }
 
     /// Resolves only when the client has gone away (EOF or error). Data that arrives meanwhile
-    /// is kept for the next request.
+    /// is kept; the read may still be running when this is dropped (see `settle`).
     pub async fn gone(&mut self) {
         poll_fn(|cx| loop {
+            // Unread bytes mean the client is there (pipelining or the rest of a body); a
+            // further read could wait forever on a client waiting for us, so stop watching.
             if let ReadState::Idle(_, buf) = &self.state {
-                if buf.len() >= WATCH_BUFFER_LIMIT && !self.eof {
+                if !buf.is_empty() && !self.eof {
                     return Poll::Pending;
                 }
             }

@@ -550,6 +550,10 @@ async fn attempt(
         }
     }
     while body.remaining > 0 {
+        if reader.buffer().is_none() && !reader.settle().await {
+            record(worker, route, 499, started);
+            return Attempt::Done(Outcome::close());
+        }
         let chunk = {
             let Some(buf) = reader.buffer() else {
                 return Attempt::Done(Outcome::close());

@@ -257,6 +257,14 @@ async fn read_request(
     let settings = &snap.settings;
     let mut head_started: Option<Instant> = None;
     loop {
+        if reader.buffer().is_none() {
+            // The previous request's disconnect watch left a read running: wait for it,
+            // for as long as an idle client may wait.
+            match monoio::time::timeout(settings.client_idle_timeout, reader.settle()).await {
+                Ok(true) => {}
+                _ => return Ok(None),
+            }
+        }
         let Some(buf) = reader.buffer() else {
             return Ok(None);
         };
