@@ -70,7 +70,14 @@ fn route(name: &str) -> Arc<ModelRoute> {
 }
 
 fn snapshot() -> ArcSwap<Snapshot> {
-    let names = ["llama-8b", "qwen-32b", "mistral-7b", "gemma-9b", "phi-4", "embed-small"];
+    let names = [
+        "llama-8b",
+        "qwen-32b",
+        "mistral-7b",
+        "gemma-9b",
+        "phi-4",
+        "embed-small",
+    ];
     let snap = Snapshot {
         models: names.iter().map(|n| route(n)).collect(),
         ..Default::default()
@@ -168,7 +175,12 @@ fn bench_admission(c: &mut Criterion) {
         let adm = Admission::default();
         b.iter(|| admit_release(&adm))
     });
-    contended(&mut g, "atomic/2_threads", Arc::new(Admission::default()), admit_release);
+    contended(
+        &mut g,
+        "atomic/2_threads",
+        Arc::new(Admission::default()),
+        admit_release,
+    );
     contended(
         &mut g,
         "mutex_hashmap/2_threads",
@@ -202,7 +214,10 @@ fn bench_hot_path(c: &mut Criterion) {
     });
     let naive: Mutex<HashMap<String, (usize, usize)>> = Mutex::new(HashMap::new());
     let names: Mutex<HashMap<String, usize>> = Mutex::new(
-        ["llama-8b", "qwen-32b"].iter().map(|n| (n.to_string(), 50)).collect(),
+        ["llama-8b", "qwen-32b"]
+            .iter()
+            .map(|n| (n.to_string(), 50))
+            .collect(),
     );
     g.bench_function("naive: serde_json+mutex_lookup+mutex_counters", |b| {
         b.iter(|| {

@@ -742,7 +742,6 @@ fn least_outstanding_spreads_load() {
 
 /// Two proxied requests, one after the other, on one keep-alive client connection.
 #[test]
-#[ignore = "gateway bug: a keep-alive client connection is closed after its first proxied response"]
 fn client_keep_alive_survives_proxied_request() {
     let sim = sim(SIM_MODEL, 0, 1000);
     let gw = gateway(&config("", "", &static_model("m", SIM_MODEL, sim.addr, "")));

@@ -166,6 +166,42 @@ fn scan(b: &[u8]) -> Scan<Extract<'_>> {
     }
 }
 
+/// For a body held whole: check that the object continues well-formed after the model's
+/// value and ends the body, so a truncated or garbled tail gets a 400 here rather than
+/// reaching the model server. Structural only (strings and brackets), like `find_model`.
+pub fn check_rest(body: &[u8], model_end: usize) -> Result<(), &'static str> {
+    let truncated = "malformed JSON: the body ends before the object does";
+    let stop = |s: Stop| match s {
+        Stop::Incomplete => truncated,
+        Stop::Invalid(why) => why,
+    };
+    let mut i = model_end;
+    loop {
+        i = skip_ws(body, i).map_err(stop)?;
+        match body[i] {
+            b'}' => break,
+            b',' => {}
+            _ => return Err("malformed JSON: expected ',' or '}'"),
+        }
+        i = skip_ws(body, i + 1).map_err(stop)?;
+        if body[i] != b'"' {
+            return Err("malformed JSON: expected a quoted key");
+        }
+        i = skip_string(body, i).map_err(stop)?.0;
+        i = skip_ws(body, i).map_err(stop)?;
+        if body[i] != b':' {
+            return Err("malformed JSON: expected ':' after a key");
+        }
+        i = skip_ws(body, i + 1).map_err(stop)?;
+        i = skip_value(body, i).map_err(stop)?;
+    }
+    if body[i + 1..].iter().all(|b| b.is_ascii_whitespace()) {
+        Ok(())
+    } else {
+        Err("malformed JSON: data after the end of the object")
+    }
+}
+
 /// The body with the model's string literal replaced by `replacement` (a JSON literal).
 pub fn rewrite(body: &[u8], span: (usize, usize), replacement: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() - (span.1 - span.0) + replacement.len());
@@ -231,6 +267,23 @@ mod tests {
             find_model(br#"{"a":1 "model":"x"}"#),
             Extract::Invalid(_)
         ));
+    }
+
+    #[test]
+    fn check_rest_catches_bad_tails() {
+        let check = |b: &str| {
+            let Extract::Found { span, .. } = find_model(b.as_bytes()) else {
+                panic!("{b}")
+            };
+            check_rest(b.as_bytes(), span.1)
+        };
+        assert!(check(r#"{"model":"m"}"#).is_ok());
+        assert!(check(r#"{"a":[1,{"b":"}"}],"model":"m", "c" : {"d":[]} } "#).is_ok());
+        assert!(check(r#"{"model":"m", "#).is_err());
+        assert!(check(r#"{"model":"m","x":[1,2}"#).is_err());
+        assert!(check(r#"{"model":"m"} trailing"#).is_err());
+        assert!(check(r#"{"model":"m" "x":1}"#).is_err());
+        assert!(check(r#"{"model":"m","x":}"#).is_err());
     }
 
     #[test]

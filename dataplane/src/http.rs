@@ -33,7 +33,11 @@ pub fn parse_request(
     buf: &mut BytesMut,
     max_head: usize,
 ) -> Result<Option<Request>, DataplaneError> {
+    let before = buf.len();
     let head = match RequestHeadDecoder.decode(buf) {
+        Ok(Decoded::Some(_)) if before - buf.len() > max_head => {
+            return Err(DataplaneError::HeadersTooLarge { limit: max_head })
+        }
         Ok(Decoded::Some(head)) => head,
         Ok(_) => {
             if buf.len() > max_head {

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use monoio::buf::IoBufMut;
 use monoio::io::AsyncReadRent;
 use monoio::net::tcp::TcpOwnedReadHalf;
 use monoio::net::TcpStream;
@@ -66,8 +67,8 @@ impl ClientReader {
                 buf.reserve(16 * 1024);
             }
             self.state = ReadState::Pending(Box::pin(async move {
-                let result = half.read(buf).await;
-                (half, result)
+                let (result, buf) = read_append(&mut half, buf).await;
+                (half, (result, buf))
             }));
         }
         let ReadState::Pending(fut) = &mut self.state else {
@@ -146,7 +147,7 @@ pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Outp
     .await
 }
 
-/// Read into the spare capacity of `buf` (growing it if full).
+/// Read into the spare capacity of `buf`, after the bytes it holds (growing it if full).
 pub async fn read_more<T: AsyncReadRent>(
     io: &mut T,
     mut buf: BytesMut,
@@ -154,7 +155,15 @@ pub async fn read_more<T: AsyncReadRent>(
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(16 * 1024);
     }
-    io.read(buf).await
+    read_append(io, buf).await
+}
+
+/// monoio reads into a buffer from its start; a slice past the held bytes appends instead.
+async fn read_append<T: AsyncReadRent>(io: &mut T, buf: BytesMut) -> BufResult<usize, BytesMut> {
+    let held = buf.len();
+    let capacity = buf.capacity();
+    let (result, slice) = io.read(buf.slice_mut(held..capacity)).await;
+    (result, slice.into_inner())
 }
 
 pub struct IdleConn {

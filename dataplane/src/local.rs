@@ -30,6 +30,11 @@ pub async fn handle(
         Err(e) => return reply_error(worker, writer, None, e, false).await,
     };
     let keep = req.keep_alive;
+    if path.starts_with("/v1/") {
+        if let Err(e) = crate::proxy::check_api_key(snap, &req) {
+            return reply_error(worker, writer, None, e, keep).await;
+        }
+    }
     let draining = worker.shared.draining.load(Ordering::Relaxed);
     let (status, content_type, payload): (u16, &str, Vec<u8>) =
         match (method.as_str(), path.as_str()) {

@@ -12,7 +12,7 @@ use slog::{debug, warn};
 
 use crate::admission::Acquire;
 use crate::error::DataplaneError;
-use crate::extract::{find_model, rewrite, Extract};
+use crate::extract::{check_rest, find_model, rewrite, Extract};
 use crate::http::{self, BodyKind, ChunkedParser, Request};
 use crate::io::{race, read_more, ClientReader, Either};
 use crate::server::{LocalSnapshot, Worker};
@@ -74,6 +74,24 @@ pub fn bearer(req: &Request) -> Option<&[u8]> {
         .then(|| token.trim_ascii())
 }
 
+/// `/v1/*` needs one of `api_keys` when any are configured.
+pub fn check_api_key(snap: &Snapshot, req: &Request) -> Result<(), DataplaneError> {
+    let keys = &snap.settings.api_keys;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let presented = bearer(req).unwrap_or_default();
+    // Check every key, so the time taken does not say which one matched.
+    let ok = keys
+        .iter()
+        .fold(false, |ok, key| ok | ct_eq(presented, key));
+    if ok {
+        Ok(())
+    } else {
+        Err(DataplaneError::Unauthorized)
+    }
+}
+
 pub async fn proxy(
     worker: &Worker,
     snap: LocalSnapshot,
@@ -83,16 +101,8 @@ pub async fn proxy(
 ) -> Outcome {
     let started = Instant::now();
     let settings = &snap.settings;
-    if !settings.api_keys.is_empty() {
-        let presented = bearer(&req).unwrap_or_default();
-        // Check every key, so the time taken does not say which one matched.
-        let ok = settings
-            .api_keys
-            .iter()
-            .fold(false, |ok, key| ok | ct_eq(presented, key));
-        if !ok {
-            return reply_error(worker, writer, None, DataplaneError::Unauthorized, false).await;
-        }
+    if let Err(e) = check_api_key(&snap, &req) {
+        return reply_error(worker, writer, None, e, false).await;
     }
     if worker.shared.draining.load(Ordering::Relaxed) {
         return reply_error(worker, writer, None, DataplaneError::ShuttingDown, false).await;
@@ -144,6 +154,13 @@ pub async fn proxy(
                     }
                     return reply_error(worker, writer, None, e, whole && req.keep_alive).await;
                 };
+                if available as u64 == length {
+                    if let Err(why) = check_rest(&buf[..available], span.1) {
+                        let e =
+                            DataplaneError::BadRequest(format!("{why}; send a valid JSON object"));
+                        return reply_error(worker, writer, None, e, false).await;
+                    }
+                }
                 let needs_rewrite =
                     *model != *route.upstream_model || buf[span.0..span.1].contains(&b'\\');
                 let prefix = buf.split_to(available).freeze();

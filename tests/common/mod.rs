@@ -1,6 +1,6 @@
 //! Black-box test harness: starts the real `vllm-gateway` binary and simulator processes on
 //! 127.0.0.1:0 ports and talks to them over real TCP with a small HTTP/1.1 client.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::type_complexity)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
