@@ -12,7 +12,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use dataplane::admission::{Acquire, Admission};
-use dataplane::extract::{find_model, Extract};
+use dataplane::extract::{check_rest, find_model, Extract};
 use dataplane::snapshot::json_string;
 use dataplane::{ModelRoute, ModelShared, ModelState, Snapshot};
 
@@ -199,6 +199,25 @@ fn bench_hot_path(c: &mut Criterion) {
             let Extract::Found { model, .. } = find_model(black_box(&b1k)) else {
                 unreachable!()
             };
+            let snap = swap.load();
+            let route = snap.route(&model).unwrap();
+            let adm = &route.shared.admission;
+            let granted = match adm.acquire(route.max_concurrent, route.max_queue_size) {
+                Acquire::Granted(slot) => {
+                    drop(black_box(slot));
+                    true
+                }
+                _ => false,
+            };
+            black_box(granted)
+        })
+    });
+    g.bench_function("extract+check_rest+lookup+admit+release", |b| {
+        b.iter(|| {
+            let Extract::Found { model, span } = find_model(black_box(&b1k)) else {
+                unreachable!()
+            };
+            check_rest(&b1k, span.1).unwrap();
             let snap = swap.load();
             let route = snap.route(&model).unwrap();
             let adm = &route.shared.admission;

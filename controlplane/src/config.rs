@@ -9,7 +9,9 @@
 //!
 //! Two layers: the serde structs ([`RawConfig`] and friends, every table
 //! `deny_unknown_fields`, every key defaulted) mirror the file; `validate`
-//! turns them into [`Config`]'s typed values.
+//! turns them into [`Config`]'s typed values. Reading the file removes (and
+//! reports) unknown keys and keys with a value of the wrong type before
+//! deserializing, so such a key never hides the errors elsewhere in the file.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -512,169 +514,380 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Parses and validates `text`; `env` looks up override variables (an
 /// empty value counts as unset).
+///
+/// Every problem is reported, not just the first: an unknown key or a key
+/// whose value has the wrong type is reported and dropped, and the rest of
+/// the file is still read and validated. Only a TOML syntax error stops
+/// early, as nothing can be read then.
 pub fn parse_str(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
     let mut errs = Errs::default();
-    let mut raw = parse_raw(text, &mut errs);
-    apply_env(&mut raw, env, &mut errs);
-    // Semantic checks on a half-parsed file would report defaults standing
-    // in for the broken sections, so stop here.
-    if !errs.0.is_empty() {
+    let Some((mut raw, dropped)) = parse_raw(text, &mut errs) else {
         return Err(ConfigErrors(errs.0));
+    };
+    apply_env(&mut raw, env, &mut errs);
+    let labels = model_labels(&raw.models);
+    match validate(raw) {
+        Ok(config) if errs.0.is_empty() => Ok(config),
+        Ok(_) => Err(ConfigErrors(errs.0)),
+        Err(ConfigErrors(more)) => {
+            // A dropped key already has its error; the default standing in
+            // for it must not add a second, misleading one.
+            errs.0.extend(
+                more.into_iter()
+                    .filter(|e| !dropped.hides(&e.field, &labels)),
+            );
+            Err(ConfigErrors(errs.0))
+        }
     }
-    validate(raw)
 }
 
 // ---------------------------------------------------------------------------
-// TOML → RawConfig, one section (and one model) at a time so that every
-// section's first error is reported, each with its key path and line.
+// TOML → RawConfig, one table (section or model) at a time. Unknown keys and
+// keys whose value does not fit are reported, each with its key path and
+// line, and dropped, so that the rest of the file is still read and
+// validated.
 // ---------------------------------------------------------------------------
 
-fn parse_raw(text: &str, errs: &mut Errs) -> RawConfig {
+/// What reading the file had to drop. Validation sees defaults in its place,
+/// so its errors about those values (and the values checked against them)
+/// are not reported: the dropped key already has its error.
+#[derive(Default)]
+struct Dropped {
+    /// Whole sections or section keys, e.g. `gateway` or `gpus.vram_mib`.
+    paths: Vec<String>,
+    /// `(index into RawConfig::models, key)`.
+    model_keys: Vec<(usize, String)>,
+}
+
+/// Model keys whose checks depend on the model's `runtime`.
+const RUNTIME_KEYS: &[&str] = &[
+    "endpoints",
+    "command",
+    "image",
+    "args",
+    "container_port",
+    "env",
+    "gpus",
+    "vram_mib",
+];
+
+impl Dropped {
+    /// Whether a validation error on `field` is about a dropped value.
+    /// `labels` are the models' labels as validation writes them.
+    fn hides(&self, field: &str, labels: &[String]) -> bool {
+        let under = |path: &str| {
+            field
+                .strip_prefix(path)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        };
+        let model_key = |label: &str, key: &str| under(&key_path(label, key));
+        if self.paths.iter().any(|p| under(p)) {
+            return true;
+        }
+        // Models are placed on the GPUs that [gpus] vram_mib lists.
+        if self
+            .paths
+            .iter()
+            .any(|p| p == "gpus" || p == "gpus.vram_mib")
+            && labels
+                .iter()
+                .any(|l| model_key(l, "gpus") || model_key(l, "vram_mib"))
+        {
+            return true;
+        }
+        self.model_keys.iter().any(|(i, key)| {
+            let Some(label) = labels.get(*i) else {
+                return false;
+            };
+            match key.as_str() {
+                "runtime" => RUNTIME_KEYS.iter().any(|k| model_key(label, k)),
+                "gpus" | "vram_mib" => model_key(label, "gpus") || model_key(label, "vram_mib"),
+                _ => model_key(label, key),
+            }
+        })
+    }
+}
+
+/// `None` after a TOML syntax error: nothing can be read then.
+fn parse_raw(text: &str, errs: &mut Errs) -> Option<(RawConfig, Dropped)> {
     let mut raw = RawConfig::default();
+    let mut dropped = Dropped::default();
     let (doc, syntax) = DeTable::parse_recoverable(text);
     if !syntax.is_empty() {
         for e in syntax {
             errs.add(FILE_FIELD, located(text, e.span(), e.message()));
         }
-        return raw;
+        return None;
     }
     // (span start, error) so the report follows the file, not key order.
     let mut found: Vec<(usize, FieldError)> = Vec::new();
+    let mut sink = Found {
+        text,
+        found: &mut found,
+        dropped: &mut dropped,
+    };
     for (key, value) in doc.into_inner() {
         let name = key.get_ref().to_string();
         match name.as_str() {
-            "gateway" => section(text, &name, value, &mut found, &mut raw.gateway),
-            "timeouts" => section(text, &name, value, &mut found, &mut raw.timeouts),
-            "retry" => section(text, &name, value, &mut found, &mut raw.retry),
-            "gpus" => section(text, &name, value, &mut found, &mut raw.gpus),
-            "docker" => section(text, &name, value, &mut found, &mut raw.docker),
-            "models" => raw.models = models_section(text, value, &mut found),
-            _ => found.push((
-                key.span().start,
-                FieldError::new(
-                    key_path("", &name),
-                    located(
-                        text,
-                        Some(key.span()),
-                        &format!(
-                            "unknown top-level key {name:?}; the file has only [gateway], \
-                             [timeouts], [retry], [gpus], [docker] and [[models]]; remove it \
-                             or fix its spelling"
-                        ),
-                    ),
-                ),
-            )),
+            "gateway" => sink.section(&name, value, &mut raw.gateway),
+            "timeouts" => sink.section(&name, value, &mut raw.timeouts),
+            "retry" => sink.section(&name, value, &mut raw.retry),
+            "gpus" => sink.section(&name, value, &mut raw.gpus),
+            "docker" => sink.section(&name, value, &mut raw.docker),
+            "models" => raw.models = sink.models(value),
+            _ => {
+                let hint = closest(&name, struct_keys::<RawConfig>())
+                    .map(|k| format!("did you mean {k:?}? "))
+                    .unwrap_or_default();
+                let msg = format!(
+                    "unknown top-level key {name:?}; {hint}the file has only [gateway], \
+                     [timeouts], [retry], [gpus], [docker] and [[models]]; remove it or fix \
+                     its spelling"
+                );
+                sink.push(key_path("", &name), key.span(), &msg);
+            }
         }
     }
     found.sort_by_key(|(pos, _)| *pos);
     errs.0.extend(found.into_iter().map(|(_, e)| e));
-    raw
+    Some((raw, dropped))
 }
 
-/// Deserializes one `[section]` into `out`, or records why it could not.
-fn section<T: DeserializeOwned>(
-    text: &str,
-    name: &str,
-    value: Spanned<DeValue<'_>>,
-    found: &mut Vec<(usize, FieldError)>,
-    out: &mut T,
-) {
-    if !value.get_ref().is_table() {
+/// Where reading the file records its errors and what it dropped.
+struct Found<'a> {
+    text: &'a str,
+    found: &'a mut Vec<(usize, FieldError)>,
+    dropped: &'a mut Dropped,
+}
+
+impl Found<'_> {
+    fn push(&mut self, field: String, span: std::ops::Range<usize>, message: &str) {
+        let error = FieldError::new(field, located(self.text, Some(span.clone()), message));
+        self.found.push((span.start, error));
+    }
+
+    /// Reads one `[section]` into `out`; keeps the defaults where it cannot.
+    fn section<T: DeserializeOwned>(
+        &mut self,
+        name: &str,
+        value: Spanned<DeValue<'_>>,
+        out: &mut T,
+    ) {
+        if !value.get_ref().is_table() {
+            let msg = format!("must be a table, written as [{name}] on its own line");
+            self.push(name.to_string(), value.span(), &msg);
+            self.dropped.paths.push(name.to_string());
+            return;
+        }
+        match self.table(name, &format!("[{name}]"), value) {
+            Some((v, bad)) => {
+                *out = v;
+                let paths = bad.iter().map(|key| key_path(name, key));
+                self.dropped.paths.extend(paths);
+            }
+            None => self.dropped.paths.push(name.to_string()),
+        }
+    }
+
+    fn models(&mut self, value: Spanned<DeValue<'_>>) -> Vec<RawModel> {
         let span = value.span();
-        let msg = format!("must be a table, written as [{name}] on its own line");
-        found.push((
-            span.start,
-            FieldError::new(name, located(text, Some(span), &msg)),
-        ));
-        return;
-    }
-    if let Some(v) = deserialize_spanned(text, name.to_string(), value, found) {
-        *out = v;
-    }
-}
-
-fn models_section(
-    text: &str,
-    value: Spanned<DeValue<'_>>,
-    found: &mut Vec<(usize, FieldError)>,
-) -> Vec<RawModel> {
-    let span = value.span();
-    let items = match value.into_inner() {
-        DeValue::Array(items) => items,
-        _ => {
+        let DeValue::Array(items) = value.into_inner() else {
             let msg = "must be an array of tables: write each model as a [[models]] section";
-            found.push((
-                span.start,
-                FieldError::new("models", located(text, Some(span), msg)),
-            ));
+            self.push("models".to_string(), span, msg);
             return Vec::new();
-        }
-    };
-    let mut models = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        // Prefer the model's name in paths, as the typed checks do.
-        let prefix = match item
-            .get_ref()
-            .get("name")
-            .and_then(|n| n.get_ref().as_str())
-        {
-            Some(name) if !name.is_empty() => format!("models[{name:?}]"),
-            _ => format!("models[{i}]"),
         };
-        if !item.get_ref().is_table() {
-            let msg = "must be a table: write each model as a [[models]] section";
-            found.push((
-                item.span().start,
-                FieldError::new(prefix, located(text, Some(item.span()), msg)),
-            ));
-            continue;
+        // Name each model as validation does, so both halves agree.
+        let names: Vec<&str> = items
+            .iter()
+            .map(|item| {
+                item.get_ref()
+                    .get("name")
+                    .and_then(|n| n.get_ref().as_str())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let mut models = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let prefix = model_label(i, names[i], &names);
+            if !item.get_ref().is_table() {
+                let msg = "must be a table: write each model as a [[models]] section";
+                self.push(prefix, item.span(), msg);
+                continue;
+            }
+            if let Some((m, bad)) = self.table(&prefix, "[[models]]", item.clone()) {
+                let index = models.len();
+                models.push(m);
+                let keys = bad.into_iter().map(|key| (index, key));
+                self.dropped.model_keys.extend(keys);
+            }
         }
-        if let Some(m) = deserialize_spanned(text, prefix, item.clone(), found) {
-            models.push(m);
-        }
+        models
     }
-    models
-}
 
-fn deserialize_spanned<T: DeserializeOwned>(
-    text: &str,
-    prefix: String,
-    value: Spanned<DeValue<'_>>,
-    found: &mut Vec<(usize, FieldError)>,
-) -> Option<T> {
-    let copy = value.clone();
-    match T::deserialize(ValueDeserializer::from(value)) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            let pos = e.span().map_or(copy.span().start, |s| s.start);
-            let field = path_at(prefix, copy.get_ref(), pos);
+    /// Deserializes one TOML table (a section or a model) into `T`. Unknown
+    /// keys are reported and removed first; then each key whose value does
+    /// not fit is reported and removed in turn, so one bad key never hides
+    /// another. Returns the value and the keys removed for a bad value, or
+    /// `None` when the table cannot be read at all (its error is recorded).
+    fn table<T: DeserializeOwned>(
+        &mut self,
+        prefix: &str,
+        what: &str,
+        mut value: Spanned<DeValue<'_>>,
+    ) -> Option<(T, Vec<String>)> {
+        let known = struct_keys::<T>();
+        let table = table_mut(&mut value)?;
+        let unknown: Vec<(String, std::ops::Range<usize>)> = table
+            .iter()
+            .filter(|(k, _)| !known.contains(&k.get_ref().as_ref()))
+            .map(|(k, _)| (k.get_ref().to_string(), k.span()))
+            .collect();
+        for (key, span) in unknown {
+            table.remove(key.as_str());
+            let msg = unknown_key_message(&key, what, known);
+            self.push(key_path(prefix, &key), span, &msg);
+        }
+        let mut bad = Vec::new();
+        loop {
+            let e = match T::deserialize(ValueDeserializer::from(value.clone())) {
+                Ok(v) => return Some((v, bad)),
+                Err(e) => e,
+            };
+            let pos = e.span().map_or(value.span().start, |s| s.start);
+            let field = path_at(prefix.to_string(), value.get_ref(), pos);
             let mut msg = e.message().to_string();
             if msg.starts_with("unknown field") {
                 msg.push_str("; remove it or fix its spelling");
             }
-            found.push((pos, FieldError::new(field, located(text, e.span(), &msg))));
-            None
+            let error = FieldError::new(field, located(self.text, e.span(), &msg));
+            self.found.push((pos, error));
+            // Drop the key holding the bad value and read the rest again.
+            // Each round removes a key, so this ends.
+            let table = table_mut(&mut value)?;
+            let culprit = e.span().and(
+                table
+                    .iter()
+                    .find(|(k, v)| inside(k.span(), pos) || inside(v.span(), pos))
+                    .map(|(k, _)| k.get_ref().to_string()),
+            )?;
+            table.remove(culprit.as_str());
+            bad.push(culprit);
         }
     }
 }
 
+fn table_mut<'a, 'i>(value: &'a mut Spanned<DeValue<'i>>) -> Option<&'a mut DeTable<'i>> {
+    match value.get_mut() {
+        DeValue::Table(table) => Some(table),
+        _ => None,
+    }
+}
+
+/// The keys serde accepts for the struct `T`, read from its derived
+/// `Deserialize`, so the unknown-key check can never drift from the structs.
+fn struct_keys<T: DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{Error as _, Visitor};
+
+    struct Grab(&'static [&'static str]);
+
+    impl<'de> serde::Deserializer<'de> for &mut Grab {
+        type Error = serde::de::value::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0 = fields;
+            Err(Self::Error::custom("only the field names were wanted"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    let mut grab = Grab(&[]);
+    // Always an error: `Grab` only records the names.
+    let _ = T::deserialize(&mut grab);
+    grab.0
+}
+
+/// `unknown field `x` in [table]; did you mean `y`? ...`, listing the keys
+/// the table takes.
+fn unknown_key_message(key: &str, table: &str, known: &[&str]) -> String {
+    let hint = closest(key, known)
+        .map(|k| format!("did you mean `{k}`? "))
+        .unwrap_or_default();
+    let list = known
+        .iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "unknown field `{key}` in {table}; {hint}the valid keys are {list}; remove it or fix \
+         its spelling"
+    )
+}
+
+/// The known key `key` was most likely meant to be: a small edit away, or
+/// one that starts with it (`connect` → `connect_ms`).
+fn closest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    let key = key.to_ascii_lowercase();
+    known
+        .iter()
+        .map(|k| (edit_distance(&key, k), *k))
+        .filter(|(d, k)| *d <= 2 || (key.len() >= 3 && (k.starts_with(&key) || key.starts_with(k))))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, in chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// Whether byte `pos` is within `span` (or at its start, for empty spans).
+fn inside(span: std::ops::Range<usize>, pos: usize) -> bool {
+    span.contains(&pos) || span.start == pos
+}
+
 /// The deepest key path under `prefix` whose key or value contains byte `pos`.
 fn path_at(prefix: String, value: &DeValue<'_>, pos: usize) -> String {
-    let inside = |span: std::ops::Range<usize>| span.contains(&pos) || span.start == pos;
     match value {
         DeValue::Table(table) => {
             for (k, v) in table.iter() {
-                if inside(k.span()) {
+                if inside(k.span(), pos) {
                     return key_path(&prefix, k.get_ref());
                 }
-                if inside(v.span()) {
+                if inside(v.span(), pos) {
                     return path_at(key_path(&prefix, k.get_ref()), v.get_ref(), pos);
                 }
             }
         }
         DeValue::Array(items) => {
             for (i, v) in items.iter().enumerate() {
-                if inside(v.span()) {
+                if inside(v.span(), pos) {
                     return path_at(format!("{prefix}[{i}]"), v.get_ref(), pos);
                 }
             }
@@ -1041,25 +1254,28 @@ fn name_problem(name: &str) -> Option<String> {
     None
 }
 
-fn models(raw: &RawConfig, gw: &GatewaySettings, errs: &mut Errs) -> Vec<ModelSpec> {
-    // A model is named by its name in paths unless the name is unusable or
-    // shared, where the index is the only unambiguous handle.
-    let mut name_count: HashMap<&str, usize> = HashMap::new();
-    for m in &raw.models {
-        *name_count.entry(m.name.as_str()).or_default() += 1;
+/// How paths name model `i`: by its name, unless the name is unusable or
+/// shared (`names` holds every model's name), where the index is the only
+/// unambiguous handle.
+fn model_label(i: usize, name: &str, names: &[&str]) -> String {
+    if name_problem(name).is_none() && names.iter().filter(|n| **n == name).count() == 1 {
+        format!("models[{name:?}]")
+    } else {
+        format!("models[{i}]")
     }
-    let labels: Vec<String> = raw
-        .models
+}
+
+fn model_labels(models: &[RawModel]) -> Vec<String> {
+    let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    names
         .iter()
         .enumerate()
-        .map(|(i, m)| {
-            if name_problem(&m.name).is_none() && name_count.get(m.name.as_str()) == Some(&1) {
-                format!("models[{:?}]", m.name)
-            } else {
-                format!("models[{i}]")
-            }
-        })
-        .collect();
+        .map(|(i, name)| model_label(i, name, &names))
+        .collect()
+}
+
+fn models(raw: &RawConfig, gw: &GatewaySettings, errs: &mut Errs) -> Vec<ModelSpec> {
+    let labels = model_labels(&raw.models);
 
     // Every name and alias must be unique: a request's "model" picks one.
     let mut seen: HashMap<&str, String> = HashMap::new();
@@ -2377,14 +2593,181 @@ name = "a"
                 ConfigErrors(errs.clone())
             );
         }
-        // Parse errors in several sections and models are all reported too.
+        // Parse errors in several sections and models are all reported too,
+        // in file order, before the checks on what could be read.
         let errs =
             errors("[gateway]\nx = 1\n[retry]\ny = 2\n[[models]]\nz = 1\n[[models]]\nw = 1\n");
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
-            fields,
+            fields[..4],
             ["gateway.x", "retry.y", "models[0].z", "models[1].w"]
         );
+        assert!(fields.contains(&"models[0].name"), "{fields:?}");
+        assert!(fields.contains(&"models[1].endpoints"), "{fields:?}");
+    }
+
+    #[test]
+    fn unknown_keys_do_not_hide_other_errors() {
+        let text = r#"
+[gateway]
+foo = 1
+max_concurrent = 0
+[timeouts]
+foo = 1
+idle_ms = 0
+[[models]]
+name = "m"
+endpoints = ["http://127.0.0.1:8001"]
+foo = 1
+[[models]]
+name = "t"
+endpoints = ["https://127.0.0.1:8002"]
+[[models]]
+name = "d"
+endpoints = ["http://127.0.0.1:8003"]
+[[models]]
+name = "d"
+endpoints = ["http://127.0.0.1:8004"]
+"#;
+        let errs = errors(text);
+        let all = ConfigErrors(errs.clone()).to_string();
+        assert!(has(&errs, "gateway.foo", "unknown field `foo`"), "{all}");
+        assert!(has(&errs, "gateway.foo", "line 3"), "{all}");
+        assert!(has(&errs, "gateway.foo", "`max_concurrent`"), "{all}");
+        assert!(has(&errs, "timeouts.foo", "unknown field `foo`"), "{all}");
+        assert!(has(&errs, "timeouts.foo", "`connect_ms`"), "{all}");
+        assert!(has(&errs, "models[\"m\"].foo", "unknown field"), "{all}");
+        assert!(has(&errs, "models[\"m\"].foo", "`endpoints`"), "{all}");
+        assert!(
+            has(&errs, "gateway.max_concurrent", "greater than 0"),
+            "{all}"
+        );
+        assert!(has(&errs, "timeouts.idle_ms", "greater than 0"), "{all}");
+        assert!(
+            has(&errs, "models[\"t\"].endpoints[0]", "TLS upstreams"),
+            "{all}"
+        );
+        assert!(has(&errs, "models[3].name", "already used"), "{all}");
+        assert_eq!(errs.len(), 7, "{all}");
+        // The shape `vllm-gateway check` is tested with.
+        let errs = errors(
+            "[gateway]\nmax_concurrent = 0\nfoo = 1\n\n\
+             [[models]]\nname = \"a\"\nendpoints = [\"https://x:1\"]\n\n\
+             [[models]]\nname = \"a\"\nendpoints = [\"http://127.0.0.1:1\"]\n",
+        );
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "gateway.foo",
+                "gateway.max_concurrent",
+                "models[1].name",
+                "models[0].endpoints[0]"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_suggest_the_closest() {
+        assert_error(
+            "[gateway]\nworkerz = 2\n",
+            "gateway.workerz",
+            "did you mean `workers`?",
+        );
+        assert_error(
+            "[timeouts]\nconnect = 1\n",
+            "timeouts.connect",
+            "did you mean `connect_ms`?",
+        );
+        assert_error(
+            &with_model("endpoint = [\"http://127.0.0.1:1\"]"),
+            "models[\"m\"].endpoint",
+            "did you mean `endpoints`?",
+        );
+        assert_error("[gatway]\n", "gatway", "did you mean \"gateway\"?");
+        let errs = errors("[gateway]\nzzz = 1\n");
+        assert_eq!(errs.len(), 1);
+        assert!(!errs[0].message.contains("did you mean"), "{}", errs[0]);
+        assert!(
+            errs[0].message.contains("`shutdown_grace_s`"),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn known_keys_match_the_structs() {
+        assert_eq!(struct_keys::<RawGateway>().len(), 13);
+        assert_eq!(struct_keys::<RawTimeouts>().len(), 6);
+        assert_eq!(struct_keys::<RawRetry>().len(), 3);
+        assert_eq!(struct_keys::<RawGpus>(), ["vram_mib"]);
+        assert_eq!(struct_keys::<RawDocker>(), ["host"]);
+        assert_eq!(struct_keys::<RawModel>().len(), 19);
+        assert_eq!(
+            struct_keys::<RawConfig>(),
+            ["gateway", "timeouts", "retry", "gpus", "docker", "models"]
+        );
+        // Every key the full example writes is known.
+        parse_ok(FULL);
+    }
+
+    #[test]
+    fn type_errors_do_not_hide_other_errors() {
+        let text = r#"
+[gateway]
+max_concurrent = "x"
+max_queue_size = 0
+workers = "many"
+[retry]
+attempts = 0
+[[models]]
+name = "m"
+endpoints = ["http://127.0.0.1:8001"]
+max_queue_size = -1
+health_path = "health"
+"#;
+        let errs = errors(text);
+        let all = ConfigErrors(errs.clone()).to_string();
+        assert!(has(&errs, "gateway.max_concurrent", "line 3"), "{all}");
+        assert!(has(&errs, "gateway.workers", "line 5"), "{all}");
+        assert!(
+            has(&errs, "gateway.max_queue_size", "greater than 0"),
+            "{all}"
+        );
+        assert!(has(&errs, "retry.attempts", "at least 1"), "{all}");
+        assert!(has(&errs, "models[\"m\"].max_queue_size", "-1"), "{all}");
+        assert!(has(&errs, "models[\"m\"].health_path", "\"/\""), "{all}");
+        assert_eq!(errs.len(), 6, "{all}");
+    }
+
+    #[test]
+    fn dropped_values_do_not_cause_follow_on_errors() {
+        // A bad runtime would default to "static", which would then complain
+        // about the process keys and the missing endpoints.
+        let text = "[[models]]\nname = \"p\"\nruntime = 5\n\
+                    command = [\"vllm\", \"{port}\"]\ngpus = [3]\nhealth_path = \"x\"\n";
+        let errs = errors(text);
+        let all = ConfigErrors(errs.clone()).to_string();
+        assert!(has(&errs, "models[\"p\"].runtime", "line 3"), "{all}");
+        assert!(has(&errs, "models[\"p\"].health_path", "\"/\""), "{all}");
+        assert_eq!(errs.len(), 2, "{all}");
+        // Placement is checked against [gpus] vram_mib, and VRAM against gpus.
+        let text = format!(
+            "[gpus]\nvram_mib = \"x\"\n{}",
+            process_model("gpus = [1]\nvram_mib = 100")
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
+        assert_eq!(errs[0].field, "gpus.vram_mib");
+        let errs = errors(&process_model("gpus = \"0\"\nvram_mib = 999999"));
+        assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
+        assert_eq!(errs[0].field, "models[\"p\"].gpus");
+        // A bad name falls back to the index, as validation does.
+        let errs = errors("[[models]]\nname = 1\nendpoints = []\n");
+        let all = ConfigErrors(errs.clone()).to_string();
+        assert!(has(&errs, "models[0].name", "line 2"), "{all}");
+        assert!(has(&errs, "models[0].endpoints", "at least one"), "{all}");
+        assert_eq!(errs.len(), 2, "{all}");
     }
 
     #[test]

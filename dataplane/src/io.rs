@@ -181,12 +181,14 @@ pub struct Pool {
 const POOL_MAX_IDLE: usize = 512;
 
 impl Pool {
-    /// The most recently used live connection, if any.
-    pub fn take(&self, addr: SocketAddr, max_idle: Duration) -> Option<TcpStream> {
+    /// The most recently used connection idle for less than `max_idle`. With `verify`, one
+    /// the server has already closed is skipped (a syscall each): for requests that could not
+    /// be replayed on a fresh connection if the pooled one turned out stale.
+    pub fn take(&self, addr: SocketAddr, max_idle: Duration, verify: bool) -> Option<TcpStream> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some(conn) = list.pop() {
-            if conn.since.elapsed() < max_idle && !peer_closed(&conn.stream) {
+            if conn.since.elapsed() < max_idle && !(verify && peer_closed(&conn.stream)) {
                 return Some(conn.stream);
             }
         }

@@ -447,7 +447,13 @@ async fn forward(
     let mut backoff = settings.retry_backoff;
     let mut stale_retry_used = false;
     loop {
-        let pooled = worker.pool.take(endpoint.addr, settings.pool_idle_timeout);
+        // A body still streaming from the client cannot be replayed, so check the pooled
+        // connection first; a buffered one is simply retried if the connection was stale.
+        let pooled = worker.pool.take(
+            endpoint.addr,
+            settings.pool_idle_timeout,
+            body.remaining > 0,
+        );
         let reused = pooled.is_some();
         let conn = match pooled {
             Some(conn) => conn,
@@ -505,7 +511,11 @@ async fn forward(
                         .fetch_add(1, Ordering::Relaxed);
                     debug!(worker.log, "retrying on a fresh connection"; "model" => &*route.name, "error" => &error);
                     // A fresh connection next time: drop idle ones that are likely stale too.
-                    while worker.pool.take(endpoint.addr, Duration::ZERO).is_some() {}
+                    while worker
+                        .pool
+                        .take(endpoint.addr, Duration::ZERO, false)
+                        .is_some()
+                    {}
                     continue;
                 }
                 let e = DataplaneError::UpstreamUnavailable {
