@@ -61,6 +61,7 @@ fn route(name: &str) -> Arc<ModelRoute> {
         max_concurrent: 1_000_000,
         max_queue_size: 1_000_000,
         state: ModelState::Ready,
+        vram_blocked: false,
         runtime: "static",
         vram_mib: 0,
         pinned: false,

@@ -321,9 +321,9 @@ mod tests {
                         Acquire::Queued(q) => waiting.push(q),
                         Acquire::Full { .. } => {}
                     },
-                    Op::Complete(i) if !held.is_empty() => { held.remove(i % held.len()); }
+                    Op::Complete(i) if !held.is_empty() => drop(held.remove(i % held.len())),
                     Op::Abort(i) | Op::AbortAfterGrant(i) if !waiting.is_empty() => {
-                        waiting.remove(i % waiting.len());
+                        drop(waiting.remove(i % waiting.len()));
                     }
                     Op::Poll => {
                         let mut still = Vec::new();

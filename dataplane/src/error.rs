@@ -40,6 +40,12 @@ pub enum DataplaneError {
     QueueTimeout { model: String, ms: u64 },
     #[error("model '{model}' is unavailable: {reason}; retry later and check the gateway log")]
     ModelUnavailable { model: String, reason: String },
+    #[error("model '{model}' needs {needed_mib} MiB of VRAM and none could be freed within {secs} s (every other model is busy or pinned); retry later, or free GPU memory")]
+    InsufficientVram {
+        model: String,
+        needed_mib: u64,
+        secs: u64,
+    },
     #[error("model server for '{model}' is unreachable after {attempts} attempt(s): {cause}; check that it is running")]
     UpstreamUnavailable {
         model: String,
@@ -80,6 +86,7 @@ impl DataplaneError {
             UpstreamUnavailable { .. } => (502, "upstream_unavailable", "server_error"),
             BadUpstreamResponse { .. } => (502, "bad_upstream_response", "server_error"),
             ModelUnavailable { .. } => (503, "model_unavailable", "server_error"),
+            InsufficientVram { .. } => (503, "insufficient_vram", "server_error"),
             ShuttingDown => (503, "shutting_down", "server_error"),
             UpstreamTimeout { .. } => (504, "upstream_timeout", "server_error"),
             ClientGone | Io(_) => (500, "internal_error", "server_error"),
@@ -92,7 +99,9 @@ impl DataplaneError {
             UpstreamUnavailable { .. } | BadUpstreamResponse { .. } | UpstreamTimeout { .. } => {
                 Source::Upstream
             }
-            ModelUnavailable { .. } | ShuttingDown | Io(_) => Source::Gateway,
+            ModelUnavailable { .. } | InsufficientVram { .. } | ShuttingDown | Io(_) => {
+                Source::Gateway
+            }
             _ => Source::Client,
         }
     }
@@ -105,6 +114,7 @@ impl DataplaneError {
             QueueFull { .. }
                 | QueueTimeout { .. }
                 | ModelUnavailable { .. }
+                | InsufficientVram { .. }
                 | UpstreamUnavailable { .. }
                 | UpstreamTimeout { .. }
                 | ShuttingDown
@@ -127,6 +137,7 @@ impl DataplaneError {
             QueueFull { .. } => Some("queue_full"),
             QueueTimeout { .. } => Some("queue_timeout"),
             ModelUnavailable { .. } => Some("model_unavailable"),
+            InsufficientVram { .. } => Some("insufficient_vram"),
             ShuttingDown => Some("shutting_down"),
             BodyTooLarge { .. } => Some("body_too_large"),
             Unauthorized => Some("unauthorized"),

@@ -10,7 +10,10 @@ use crate::http::{self, BodyKind, ChunkedParser, Request};
 use crate::io::ClientReader;
 use crate::proxy::{bearer, ct_eq, reply_error, Outcome};
 use crate::server::Worker;
-use crate::snapshot::Snapshot;
+use std::time::{Duration, Instant};
+
+use crate::snapshot::{ModelState, Snapshot};
+use crate::ControlRequest;
 
 /// Admin request bodies are small JSON documents.
 const ADMIN_BODY_LIMIT: usize = 64 * 1024;
@@ -67,6 +70,15 @@ pub async fn handle(
                 )
             }
             ("GET", "/gateway/models") => (200, "application/json", models_json(snap)),
+            ("POST", p) if p.starts_with("/gateway/models/") => {
+                if let Err(e) = check_admin(snap, &req) {
+                    return reply_error(worker, writer, None, e, keep).await;
+                }
+                match load_or_unload(worker, snap, p).await {
+                    Ok((status, body)) => (status, "application/json", body),
+                    Err(e) => return reply_error(worker, writer, None, e, keep).await,
+                }
+            }
             ("PUT", "/gateway/log-level") => {
                 if let Err(e) = check_admin(snap, &req) {
                     return reply_error(worker, writer, None, e, keep).await;
@@ -104,6 +116,87 @@ pub async fn handle(
     let (res, _) = writer.write_all(response).await;
     Outcome {
         keep_alive: keep && res.is_ok(),
+    }
+}
+
+/// `POST /gateway/models/{name}/load|unload`: ask the control plane, then wait (bounded) for
+/// the model to get there. 200 when it did, 202 when it is still on its way.
+async fn load_or_unload(
+    worker: &Worker,
+    snap: &Snapshot,
+    path: &str,
+) -> Result<(u16, Vec<u8>), DataplaneError> {
+    let rest = &path["/gateway/models/".len()..];
+    let (name, action) = rest
+        .rsplit_once('/')
+        .ok_or_else(|| DataplaneError::NotFound {
+            method: "POST".into(),
+            path: path.into(),
+        })?;
+    let route = snap
+        .route(name)
+        .ok_or_else(|| DataplaneError::ModelNotFound {
+            model: name.into(),
+            known: snap.known_models.to_string(),
+        })?;
+    if route.runtime == "static" {
+        return Err(DataplaneError::BadRequest(format!(
+            "model '{}' is static: someone else runs its servers, so it cannot be loaded or unloaded",
+            route.name
+        )));
+    }
+    let (request, done, limit): (_, fn(ModelState) -> bool, _) = match action {
+        "load" => (
+            ControlRequest::Load {
+                model: route.name.clone(),
+            },
+            |s| matches!(s, ModelState::Ready | ModelState::Failed),
+            route.startup_timeout,
+        ),
+        "unload" => (
+            ControlRequest::Unload {
+                model: route.name.clone(),
+            },
+            |s| matches!(s, ModelState::Stopped | ModelState::Failed),
+            Duration::from_secs(30),
+        ),
+        _ => {
+            return Err(DataplaneError::NotFound {
+                method: "POST".into(),
+                path: path.into(),
+            })
+        }
+    };
+    let shared = route.shared.clone();
+    let name = route.name.clone();
+    let asked_at = snap.generation;
+    worker
+        .shared
+        .control
+        .send(request)
+        .map_err(|_| DataplaneError::ModelUnavailable {
+            model: name.to_string(),
+            reason: "the control plane is not running".into(),
+        })?;
+    let deadline = Instant::now() + limit;
+    loop {
+        let cell = shared.state_changed.subscribe();
+        let now = worker.snapshot();
+        let state = now.route(&name).map_or(ModelState::Stopped, |r| r.state);
+        let finished = now.generation > asked_at && done(state);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if finished && state == ModelState::Failed {
+            return Err(DataplaneError::ModelUnavailable {
+                model: name.to_string(),
+                reason: "its server failed to start".into(),
+            });
+        }
+        if finished || left.is_zero() {
+            let body = serde_json::json!({"name": &*name, "state": state.as_str()});
+            let status = if finished { 200 } else { 202 };
+            return Ok((status, serde_json::to_vec(&body).unwrap_or_default()));
+        }
+        let _ = monoio::time::timeout(left, cell.wait()).await;
     }
 }
 

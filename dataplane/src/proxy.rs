@@ -304,7 +304,9 @@ async fn wait_until_ready(
             return Err((snap, e));
         }
     };
-    let mut asked = false;
+    // The snapshot generation when we asked for a start: a `failed` published after it is
+    // this attempt's failure; one from before is the previous attempt's.
+    let mut asked: Option<u64> = None;
     loop {
         let cell = shared.state_changed.subscribe();
         snap = worker.snapshot();
@@ -318,8 +320,8 @@ async fn wait_until_ready(
         match route.state {
             ModelState::Ready => return Ok((snap, route)),
             ModelState::Starting => {}
-            ModelState::Stopped | ModelState::Failed | ModelState::Stopping if !asked => {
-                asked = true;
+            ModelState::Stopped | ModelState::Failed | ModelState::Stopping if asked.is_none() => {
+                asked = Some(snap.generation);
                 let request = ControlRequest::Start {
                     model: route.name.clone(),
                 };
@@ -331,16 +333,24 @@ async fn wait_until_ready(
                     return Err((snap, e));
                 }
             }
-            ModelState::Failed => {
+            ModelState::Failed if asked.is_some_and(|at| snap.generation > at) => {
                 let e = DataplaneError::ModelUnavailable {
                     model: name.into(),
                     reason: "its server failed to start".into(),
                 };
                 return Err((snap, e));
             }
-            ModelState::Stopped | ModelState::Stopping => {}
+            ModelState::Stopped | ModelState::Stopping | ModelState::Failed => {}
         }
         let now = Instant::now();
+        if now >= deadline && route.vram_blocked {
+            let e = DataplaneError::InsufficientVram {
+                model: name.into(),
+                needed_mib: route.vram_mib,
+                secs: route.startup_timeout.as_secs(),
+            };
+            return Err((snap, e));
+        }
         if now >= deadline {
             let e = DataplaneError::ModelUnavailable {
                 model: name.into(),

@@ -132,6 +132,8 @@ pub struct ModelRoute {
     pub max_concurrent: usize,
     pub max_queue_size: usize,
     pub state: ModelState,
+    /// Waiting to start, and no eviction can make room now: a timeout is `insufficient_vram`.
+    pub vram_blocked: bool,
     pub runtime: &'static str,
     pub vram_mib: u64,
     pub pinned: bool,

@@ -1,0 +1,379 @@
+//! One owner task per model: the only code that changes a model's lifecycle state. It takes
+//! commands (start, stop, shutdown) from the control plane, runs the server through its
+//! runtime, waits for health, watches for exits, and reports each state change.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dataplane::{Endpoint, ModelState};
+use slog::{info, warn, Logger};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{ModelSpec, RuntimeSpec};
+use crate::docker::{Container, DockerRuntime};
+use crate::process::{self, ProcessServer};
+use crate::{ControlError, StateEvent};
+
+pub enum Command {
+    Start,
+    Stop,
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// How often a ready server's health is checked, and how many failures in a row fail it.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+const HEALTH_FAILURES: u32 = 3;
+
+/// A running model server, whatever its runtime.
+enum Server {
+    Process(ProcessServer),
+    Docker {
+        runtime: Arc<DockerRuntime>,
+        container: Container,
+    },
+}
+
+impl Server {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Server::Process(p) => p.addr,
+            Server::Docker { container, .. } => container.addr,
+        }
+    }
+
+    async fn exited(&mut self) -> String {
+        match self {
+            Server::Process(p) => p.exited().await,
+            Server::Docker { runtime, container } => runtime.wait_exit(&container.id).await,
+        }
+    }
+
+    async fn tail(&self) -> String {
+        match self {
+            Server::Process(p) => p.tail().await,
+            Server::Docker { runtime, container } => runtime.logs_tail(&container.id, 20).await,
+        }
+    }
+
+    async fn stop(self, log: &Logger) {
+        match self {
+            Server::Process(p) => p.stop(log).await,
+            Server::Docker { runtime, container } => runtime.stop(&container.id).await,
+        }
+    }
+
+    /// On gateway exit: processes are stopped; containers keep running for the next gateway
+    /// to adopt (a vLLM load takes minutes).
+    async fn detach(self, log: &Logger) {
+        match self {
+            Server::Process(p) => p.stop(log).await,
+            Server::Docker { container, .. } => {
+                info!(log, "leaving container running"; "id" => &container.id)
+            }
+        }
+    }
+}
+
+pub struct Owner {
+    spec: ModelSpec,
+    name: Arc<str>,
+    docker: Option<Arc<DockerRuntime>>,
+    docker_error: Option<String>,
+    events: mpsc::UnboundedSender<StateEvent>,
+    log: Logger,
+    failures: u32,
+    last_failure: Option<Instant>,
+}
+
+enum Started {
+    Ready(Server),
+    /// A stop or shutdown arrived while starting.
+    Cancelled(Option<oneshot::Sender<()>>),
+}
+
+impl Owner {
+    pub fn new(
+        spec: ModelSpec,
+        docker: Result<Arc<DockerRuntime>, String>,
+        events: mpsc::UnboundedSender<StateEvent>,
+        log: Logger,
+    ) -> Self {
+        let name: Arc<str> = spec.name.as_str().into();
+        let log = log.new(slog::o!("model" => spec.name.clone()));
+        let (docker, docker_error) = match docker {
+            Ok(d) => (Some(d), None),
+            Err(e) => (None, Some(e)),
+        };
+        Owner {
+            spec,
+            name,
+            docker,
+            docker_error,
+            events,
+            log,
+            failures: 0,
+            last_failure: None,
+        }
+    }
+
+    fn report(&self, state: ModelState, endpoint: Option<SocketAddr>) {
+        let endpoint = endpoint.map(|addr| {
+            Arc::new(Endpoint::new(
+                &format!("http://{addr}"),
+                addr,
+                &addr.to_string(),
+            ))
+        });
+        let _ = self.events.send(StateEvent {
+            model: self.name.clone(),
+            state,
+            endpoint,
+        });
+    }
+
+    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut running: Option<Server> = self.adopt().await;
+        if let Some(server) = running.take() {
+            self.report(ModelState::Starting, None);
+            match self.wait_healthy(server, &mut commands).await {
+                Ok(Started::Ready(server)) => {
+                    self.report(ModelState::Ready, Some(server.addr()));
+                    running = Some(server);
+                }
+                Ok(Started::Cancelled(done)) => {
+                    self.report(ModelState::Stopped, None);
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!(self.log, "adopted server failed"; "error" => %e);
+                    self.fail();
+                }
+            }
+        }
+        let mut health_failures = 0u32;
+        loop {
+            let command = match running.as_mut() {
+                None => commands.recv().await,
+                Some(server) => tokio::select! {
+                    biased;
+                    command = commands.recv() => command,
+                    status = server.exited() => {
+                        let tail = server.tail().await;
+                        warn!(self.log, "model server exited"; "status" => &status, "output" => tail);
+                        running = None;
+                        self.fail();
+                        continue;
+                    }
+                    _ = tokio::time::sleep(HEALTH_INTERVAL) => {
+                        if probe(server.addr(), &self.spec.health_path).await {
+                            health_failures = 0;
+                        } else {
+                            health_failures += 1;
+                            warn!(self.log, "health check failed"; "failures" => health_failures);
+                            if health_failures >= HEALTH_FAILURES {
+                                health_failures = 0;
+                                if let Some(server) = running.take() {
+                                    server.stop(&self.log).await;
+                                }
+                                self.fail();
+                            }
+                        }
+                        continue;
+                    }
+                },
+            };
+            match command {
+                Some(Command::Start) => {
+                    if running.is_some() {
+                        continue;
+                    }
+                    self.report(ModelState::Starting, None);
+                    // Back off after failures, so a crashing server is not restarted in a storm.
+                    if let Some(at) = self.last_failure {
+                        let wait = backoff(self.failures).saturating_sub(at.elapsed());
+                        if !wait.is_zero() {
+                            info!(self.log, "waiting before restart"; "ms" => wait.as_millis() as u64);
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                    let started = match self.launch().await {
+                        Ok(server) => self.wait_healthy(server, &mut commands).await,
+                        Err(e) => Err(e),
+                    };
+                    match started {
+                        Ok(Started::Ready(server)) => {
+                            self.failures = 0;
+                            health_failures = 0;
+                            self.report(ModelState::Ready, Some(server.addr()));
+                            running = Some(server);
+                        }
+                        Ok(Started::Cancelled(done)) => {
+                            self.report(ModelState::Stopped, None);
+                            if let Some(done) = done {
+                                let _ = done.send(());
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(self.log, "model failed to start"; "error" => %e);
+                            self.fail();
+                        }
+                    }
+                }
+                Some(Command::Stop) => {
+                    if let Some(server) = running.take() {
+                        self.report(ModelState::Stopping, Some(server.addr()));
+                        server.stop(&self.log).await;
+                    }
+                    self.report(ModelState::Stopped, None);
+                }
+                Some(Command::Shutdown(done)) => {
+                    if let Some(server) = running.take() {
+                        server.detach(&self.log).await;
+                    }
+                    let _ = done.send(());
+                    return;
+                }
+                None => {
+                    if let Some(server) = running.take() {
+                        server.detach(&self.log).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self) {
+        self.failures += 1;
+        self.last_failure = Some(Instant::now());
+        self.report(ModelState::Failed, None);
+    }
+
+    async fn adopt(&self) -> Option<Server> {
+        let RuntimeSpec::Docker { .. } = self.spec.runtime else {
+            return None;
+        };
+        let runtime = self.docker.clone()?;
+        match runtime.adopt(&self.spec).await {
+            Ok(Some(container)) => {
+                info!(self.log, "adopting running container"; "id" => &container.id, "addr" => %container.addr);
+                Some(Server::Docker { runtime, container })
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(self.log, "could not look for a container to adopt"; "error" => %e);
+                None
+            }
+        }
+    }
+
+    async fn launch(&self) -> Result<Server, ControlError> {
+        match &self.spec.runtime {
+            RuntimeSpec::Process { .. } => {
+                Ok(Server::Process(process::launch(&self.spec, &self.log)?))
+            }
+            RuntimeSpec::Docker { .. } => {
+                let Some(runtime) = self.docker.clone() else {
+                    return Err(ControlError::Spawn {
+                        model: self.spec.name.clone(),
+                        cause: format!(
+                            "the Docker engine is not reachable: {}",
+                            self.docker_error.as_deref().unwrap_or("unknown error")
+                        ),
+                    });
+                };
+                let container = runtime.launch(&self.spec).await?;
+                info!(self.log, "container started"; "id" => &container.id, "addr" => %container.addr);
+                Ok(Server::Docker { runtime, container })
+            }
+            RuntimeSpec::Static { .. } => Err(ControlError::Spawn {
+                model: self.spec.name.clone(),
+                cause: "static models have no server to start".into(),
+            }),
+        }
+    }
+
+    /// Poll health until 200, racing the server's exit, the startup timeout and commands.
+    async fn wait_healthy(
+        &self,
+        mut server: Server,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> Result<Started, ControlError> {
+        let deadline = tokio::time::Instant::now() + self.spec.startup_timeout;
+        let addr = server.addr();
+        // Poll fast at first, then ease off: a server that turns healthy is seen within ~25 ms.
+        let mut interval = Duration::from_millis(5);
+        loop {
+            tokio::select! {
+                // An exit must win over a probe that fails fast on a closed port.
+                biased;
+                status = server.exited() => {
+                    return Err(ControlError::ExitedWhileStarting {
+                        model: self.spec.name.clone(),
+                        status,
+                        tail: server.tail().await,
+                    });
+                }
+                command = commands.recv() => match command {
+                    Some(Command::Start) => {}
+                    Some(Command::Stop) => {
+                        self.report(ModelState::Stopping, None);
+                        server.stop(&self.log).await;
+                        return Ok(Started::Cancelled(None));
+                    }
+                    Some(Command::Shutdown(done)) => {
+                        server.detach(&self.log).await;
+                        return Ok(Started::Cancelled(Some(done)));
+                    }
+                    None => {
+                        server.detach(&self.log).await;
+                        return Ok(Started::Cancelled(None));
+                    }
+                },
+                healthy = probe(addr, &self.spec.health_path) => {
+                    if healthy {
+                        return Ok(Started::Ready(server));
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        let tail = server.tail().await;
+                        server.stop(&self.log).await;
+                        warn!(self.log, "startup timed out"; "output" => tail);
+                        return Err(ControlError::StartupTimeout {
+                            model: self.spec.name.clone(),
+                            secs: self.spec.startup_timeout.as_secs(),
+                        });
+                    }
+                    tokio::time::sleep(interval).await;
+                    interval = (interval * 2).min(Duration::from_millis(25));
+                }
+            }
+        }
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(30))
+}
+
+/// One health probe: true on a 200.
+pub async fn probe(addr: SocketAddr, path: &str) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 16];
+        let n = stream.read(&mut head).await.ok()?;
+        Some(head[..n].starts_with(b"HTTP/1.1 200") || head[..n].starts_with(b"HTTP/1.0 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
