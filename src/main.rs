@@ -143,16 +143,6 @@ impl<D: Drain> Drain for LevelFilter<D> {
     }
 }
 
-fn slog_level(level: config::LogLevel) -> slog::Level {
-    match level {
-        config::LogLevel::Error => slog::Level::Error,
-        config::LogLevel::Warn => slog::Level::Warning,
-        config::LogLevel::Info => slog::Level::Info,
-        config::LogLevel::Debug => slog::Level::Debug,
-        config::LogLevel::Trace => slog::Level::Trace,
-    }
-}
-
 /// An async logger: workers hand records to a logger thread and never block on stderr.
 fn logger(format: LogFormat, level: Arc<LogLevel>) -> (Logger, slog_async::AsyncGuard) {
     let (drain, guard) = match format {
@@ -189,7 +179,9 @@ fn serve(args: &[String]) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    let level = Arc::new(LogLevel::new(slog_level(config.gateway.log_level)));
+    let level = Arc::new(LogLevel::new(controlplane::slog_level(
+        config.gateway.log_level,
+    )));
     let (log, log_guard) = logger(config.gateway.log_format, level.clone());
     slog::info!(log, "config loaded"; "path" => %path.display(), "models" => config.models.len());
 
@@ -203,7 +195,8 @@ fn serve(args: &[String]) -> ExitCode {
         },
     };
     let (control_tx, control_rx) = crossbeam_channel::unbounded();
-    let mut control = controlplane::ControlPlane::new(config, log.new(o!("plane" => "control")));
+    let mut control =
+        controlplane::ControlPlane::new(config, path.clone(), log.new(o!("plane" => "control")));
     let shared = Arc::new(Shared::new(control.snapshot(), level, control_tx));
     let handle = match dataplane::start(shared.clone(), listen, log.new(o!("plane" => "data"))) {
         Ok(handle) => handle,
@@ -220,7 +213,7 @@ fn serve(args: &[String]) -> ExitCode {
         "vllm-gateway listening on http://{} ({} worker(s), {})",
         handle.local_addr, handle.workers, handle.driver
     );
-    let control = match control.spawn(shared, control_rx) {
+    let control = match control.spawn(shared, control_rx, Box::new(handle.stopper())) {
         Ok(thread) => thread,
         Err(e) => {
             eprintln!("vllm-gateway: could not start the control plane: {e}");

@@ -10,9 +10,11 @@ pub mod config;
 pub mod docker;
 mod owner;
 mod process;
+mod reload;
 pub mod vram;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +61,8 @@ impl ControlError {
 #[derive(Debug)]
 pub(crate) struct StateEvent {
     model: Arc<str>,
+    /// Which owner sent it: reports from an owner replaced by a reload are ignored.
+    owner: u64,
     state: ModelState,
     endpoint: Option<Arc<Endpoint>>,
 }
@@ -79,6 +83,11 @@ struct ModelEntry {
     state: ModelState,
     endpoints: Vec<Arc<Endpoint>>,
     owner: Option<mpsc::UnboundedSender<Command>>,
+    owner_id: u64,
+    /// Removed by a reload: takes no new requests, stops once its in-flight ones finish.
+    retiring: bool,
+    /// A reload changed its runtime: this spec replaces it once its in-flight ones finish.
+    replacement: Option<ModelSpec>,
     /// Waiting for VRAM before it may start.
     pending: Option<Want>,
     /// Pending and no eviction can make room now.
@@ -104,14 +113,64 @@ impl ModelEntry {
     fn busy(&self) -> bool {
         self.shared.admission.in_flight() + self.shared.admission.queued() > 0
     }
+
+    fn new(spec: ModelSpec, shared: Arc<ModelShared>) -> Self {
+        let (state, endpoints) = match &spec.runtime {
+            RuntimeSpec::Static { endpoints } => (ModelState::Ready, static_endpoints(endpoints)),
+            _ => (ModelState::Stopped, Vec::new()),
+        };
+        ModelEntry {
+            spec,
+            shared,
+            state,
+            endpoints,
+            owner: None,
+            owner_id: 0,
+            retiring: false,
+            replacement: None,
+            pending: None,
+            vram_blocked: false,
+            ready_since: None,
+        }
+    }
+}
+
+fn static_endpoints(endpoints: &[config::EndpointSpec]) -> Vec<Arc<Endpoint>> {
+    endpoints
+        .iter()
+        .map(|e| Arc::new(Endpoint::new(&e.url, e.addr, &e.authority)))
+        .collect()
+}
+
+/// Whether a reload changed how the model's server is run (so it must restart).
+fn runtime_changed(old: &ModelSpec, new: &ModelSpec) -> bool {
+    old.runtime != new.runtime || old.gpus != new.gpus || old.health_path != new.health_path
+}
+
+/// The slog level for a configured one.
+pub fn slog_level(level: config::LogLevel) -> slog::Level {
+    match level {
+        config::LogLevel::Error => slog::Level::Error,
+        config::LogLevel::Warn => slog::Level::Warning,
+        config::LogLevel::Info => slog::Level::Info,
+        config::LogLevel::Debug => slog::Level::Debug,
+        config::LogLevel::Trace => slog::Level::Trace,
+    }
 }
 
 /// Built on the main thread before the workers start, so they see a first snapshot.
 pub struct ControlPlane {
     config: Config,
+    /// The config file, re-read on reload.
+    path: PathBuf,
+    /// The text last loaded (or refused), so a file event without a change does nothing.
+    loaded_text: String,
     models: Vec<ModelEntry>,
     generation: u64,
+    owner_seq: u64,
     probe: Arc<dyn GpuProbe>,
+    docker: Option<Result<Arc<DockerRuntime>, String>>,
+    events: Option<mpsc::UnboundedSender<StateEvent>>,
     log: Logger,
 }
 
@@ -145,45 +204,37 @@ mod bytes_free {
 
 /// How often the control plane re-checks pending starts and idle unloads.
 const TICK: Duration = Duration::from_millis(100);
+/// How long file events must settle before a reload.
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(150);
 
 impl ControlPlane {
-    pub fn new(config: Config, log: Logger) -> Self {
-        Self::with_probe(config, vram::detect(), log)
+    pub fn new(config: Config, path: PathBuf, log: Logger) -> Self {
+        Self::with_probe(config, path, vram::detect(), log)
     }
 
-    pub fn with_probe(config: Config, probe: Arc<dyn GpuProbe>, log: Logger) -> Self {
+    pub fn with_probe(
+        config: Config,
+        path: PathBuf,
+        probe: Arc<dyn GpuProbe>,
+        log: Logger,
+    ) -> Self {
         let models = config
             .models
             .iter()
-            .map(|spec| {
-                let (state, endpoints) = match &spec.runtime {
-                    RuntimeSpec::Static { endpoints } => (
-                        ModelState::Ready,
-                        endpoints
-                            .iter()
-                            .map(|e| Arc::new(Endpoint::new(&e.url, e.addr, &e.authority)))
-                            .collect(),
-                    ),
-                    _ => (ModelState::Stopped, Vec::new()),
-                };
-                ModelEntry {
-                    spec: spec.clone(),
-                    shared: Arc::new(ModelShared::default()),
-                    state,
-                    endpoints,
-                    owner: None,
-                    pending: None,
-                    vram_blocked: false,
-                    ready_since: None,
-                }
-            })
+            .map(|spec| ModelEntry::new(spec.clone(), Arc::new(ModelShared::default())))
             .collect();
         info!(log, "VRAM source"; "source" => probe.name());
+        let loaded_text = std::fs::read_to_string(&path).unwrap_or_default();
         ControlPlane {
             config,
+            path,
+            loaded_text,
             models,
             generation: 0,
+            owner_seq: 0,
             probe,
+            docker: None,
+            events: None,
             log,
         }
     }
@@ -195,10 +246,14 @@ impl ControlPlane {
         let models = self
             .models
             .iter()
+            .filter(|m| !m.retiring)
             .map(|m| {
                 let spec = &m.spec;
-                // A model waiting for VRAM is on its way to starting, as far as clients see.
-                let state = if m.pending.is_some() {
+                // A model waiting for VRAM is on its way to starting, as far as clients see;
+                // one about to be replaced takes no new requests (they wait for the new one).
+                let state = if m.replacement.is_some() {
+                    ModelState::Stopping
+                } else if m.pending.is_some() {
                     ModelState::Starting
                 } else {
                     m.state
@@ -237,6 +292,7 @@ impl ControlPlane {
         self,
         shared: Arc<Shared>,
         requests: crossbeam_channel::Receiver<ControlRequest>,
+        stop_accepting: Box<dyn FnOnce() + Send>,
     ) -> std::io::Result<std::thread::JoinHandle<i32>> {
         std::thread::Builder::new()
             .name("control-plane".into())
@@ -251,7 +307,7 @@ impl ControlPlane {
                         return 1;
                     }
                 };
-                runtime.block_on(self.run(shared, requests))
+                runtime.block_on(self.run(shared, requests, stop_accepting))
             })
     }
 
@@ -259,6 +315,7 @@ impl ControlPlane {
         mut self,
         shared: Arc<Shared>,
         requests: crossbeam_channel::Receiver<ControlRequest>,
+        stop_accepting: Box<dyn FnOnce() + Send>,
     ) -> i32 {
         // Workers send on a crossbeam channel (no tokio in the data plane); a small thread
         // moves those messages onto the runtime without polling.
@@ -277,38 +334,9 @@ impl ControlPlane {
             return 1;
         }
         let (event_tx, mut event_rx) = mpsc::unbounded_channel::<StateEvent>();
-
-        let docker = if self
-            .models
-            .iter()
-            .any(|m| matches!(m.spec.runtime, RuntimeSpec::Docker { .. }))
-        {
-            match DockerRuntime::connect(self.config.docker_host.as_deref(), self.log.clone()).await
-            {
-                Ok(d) => Ok(Arc::new(d)),
-                Err(e) => {
-                    warn!(self.log, "Docker engine not reachable; docker models will fail to start"; "error" => %e);
-                    Err(e.to_string())
-                }
-            }
-        } else {
-            Err("no docker models".to_string())
-        };
-
-        // One owner task per model that has a server to run.
-        for entry in &mut self.models {
-            if entry.is_static() {
-                continue;
-            }
-            let (tx, rx) = mpsc::unbounded_channel();
-            let owner = owner::Owner::new(
-                entry.spec.clone(),
-                docker.clone(),
-                event_tx.clone(),
-                self.log.clone(),
-            );
-            tokio::spawn(owner.run(rx));
-            entry.owner = Some(tx);
+        self.events = Some(event_tx);
+        for i in 0..self.models.len() {
+            self.spawn_owner(i).await;
         }
         for i in 0..self.models.len() {
             let spec = &self.models[i].spec;
@@ -316,28 +344,42 @@ impl ControlPlane {
                 self.want_start(i, Want::Sticky);
             }
         }
+        self.schedule();
         self.publish(&shared);
 
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    error!(self.log, "could not install the SIGTERM handler"; "error" => %e);
-                    return 1;
-                }
-            };
-        let mut interrupt =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
-                Ok(s) => s,
-                Err(e) => {
-                    error!(self.log, "could not install the SIGINT handler"; "error" => %e);
-                    return 1;
-                }
-            };
+        let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
+        let _watcher = match reload::watch(&self.path, file_tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(self.log, "cannot watch the config file; reload with SIGHUP or POST /gateway/reload"; "path" => %self.path.display(), "error" => %e);
+                None
+            }
+        };
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        );
+        let (mut terminate, mut interrupt, mut hangup) = match signals {
+            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+            _ => {
+                error!(self.log, "could not install signal handlers");
+                return 1;
+            }
+        };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // File events come in bursts (one save is several events): reload once they settle.
+        let mut reload_due: Option<tokio::time::Instant> = None;
 
         loop {
+            let debounce = async {
+                match reload_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 Some(event) = event_rx.recv() => {
                     self.apply(event);
@@ -349,12 +391,29 @@ impl ControlPlane {
                     self.publish(&shared);
                 }
                 Some(request) = request_rx.recv() => {
-                    self.handle(request);
-                    self.schedule();
-                    self.publish(&shared);
+                    if let ControlRequest::Reload { reply } = request {
+                        let (status, body) = self.reload(&shared, "api", true).await;
+                        if let Some(reply) = reply {
+                            reply.send(status, body);
+                        }
+                    } else {
+                        self.handle(request);
+                        self.schedule();
+                        self.publish(&shared);
+                    }
+                }
+                Some(()) = file_rx.recv() => {
+                    reload_due = Some(tokio::time::Instant::now() + RELOAD_DEBOUNCE);
+                }
+                _ = debounce => {
+                    reload_due = None;
+                    self.reload(&shared, "file", false).await;
+                }
+                _ = hangup.recv() => {
+                    self.reload(&shared, "SIGHUP", true).await;
                 }
                 _ = tick.tick() => {
-                    if self.housekeeping() {
+                    if self.housekeeping().await {
                         self.publish(&shared);
                     }
                 }
@@ -362,11 +421,264 @@ impl ControlPlane {
                 _ = interrupt.recv() => break,
             }
         }
-        info!(self.log, "shutting down");
-        shared.draining.store(true, Ordering::Relaxed);
-        self.publish(&shared);
+        self.drain(&shared, stop_accepting).await;
         self.shutdown().await;
         0
+    }
+
+    /// Graceful shutdown: refuse new work, let in-flight requests finish within the grace.
+    async fn drain(&mut self, shared: &Shared, stop_accepting: Box<dyn FnOnce() + Send>) {
+        let grace = self.config.gateway.shutdown_grace;
+        info!(self.log, "draining"; "grace_s" => grace.as_secs());
+        shared.draining.store(true, Ordering::Relaxed);
+        self.publish(shared);
+        stop_accepting();
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let busy: usize = self
+                .models
+                .iter()
+                .map(|m| m.shared.admission.in_flight() + m.shared.admission.queued())
+                .sum();
+            if busy == 0 {
+                info!(self.log, "drained");
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(self.log, "shutdown grace expired with requests in flight"; "requests" => busy);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Start the owner task of model `i` (none for static models).
+    async fn spawn_owner(&mut self, i: usize) {
+        if self.models[i].is_static() {
+            return;
+        }
+        let Some(events) = self.events.clone() else {
+            return;
+        };
+        if matches!(self.models[i].spec.runtime, RuntimeSpec::Docker { .. })
+            && self.docker.is_none()
+        {
+            let connected = match DockerRuntime::connect(
+                self.config.docker_host.as_deref(),
+                self.log.clone(),
+            )
+            .await
+            {
+                Ok(d) => Ok(Arc::new(d)),
+                Err(e) => {
+                    warn!(self.log, "Docker engine not reachable; docker models will fail to start"; "error" => %e);
+                    Err(e.to_string())
+                }
+            };
+            self.docker = Some(connected);
+        }
+        let docker = self
+            .docker
+            .clone()
+            .unwrap_or_else(|| Err("no docker models".to_string()));
+        self.owner_seq += 1;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let entry = &mut self.models[i];
+        let owner = owner::Owner::new(
+            entry.spec.clone(),
+            self.owner_seq,
+            docker,
+            events,
+            self.log.clone(),
+        );
+        tokio::spawn(owner.run(rx));
+        entry.owner = Some(tx);
+        entry.owner_id = self.owner_seq;
+        entry.state = ModelState::Stopped;
+        entry.endpoints.clear();
+    }
+
+    /// Re-read the config file and apply it as a diff. An invalid file changes nothing.
+    async fn reload(
+        &mut self,
+        shared: &Shared,
+        trigger: &str,
+        forced: bool,
+    ) -> (u16, serde_json::Value) {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                shared.metrics.reloads_error.fetch_add(1, Ordering::Relaxed);
+                let message = format!("cannot read {}: {e}", self.path.display());
+                warn!(self.log, "reload failed"; "trigger" => trigger, "error" => &message);
+                return (400, reload::error_body(&message, std::slice::from_ref(&message)));
+            }
+        };
+        if !forced && text == self.loaded_text {
+            return (200, serde_json::json!({"result": "unchanged"}));
+        }
+        self.loaded_text = text.clone();
+        let started = Instant::now();
+        let new = match config::parse_str(&text, &|k| std::env::var(k).ok()) {
+            Ok(c) => c,
+            Err(errors) => {
+                shared.metrics.reloads_error.fetch_add(1, Ordering::Relaxed);
+                let lines: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
+                for line in &lines {
+                    warn!(self.log, "reload refused: invalid config"; "trigger" => trigger, "error" => line);
+                }
+                return (
+                    400,
+                    reload::error_body("the config file is invalid; nothing was changed", &lines),
+                );
+            }
+        };
+        let mut diff = reload::Diff::default();
+        let old = &self.config;
+        for (key, changed) in [
+            ("gateway.listen", old.gateway.listen != new.gateway.listen),
+            (
+                "gateway.workers",
+                old.gateway.workers != new.gateway.workers,
+            ),
+            ("gateway.driver", old.gateway.driver != new.gateway.driver),
+            (
+                "gateway.log_format",
+                old.gateway.log_format != new.gateway.log_format,
+            ),
+        ] {
+            if changed {
+                diff.restart_required.push(key.to_string());
+            }
+        }
+        if old.gateway.log_level != new.gateway.log_level {
+            shared.log_level.set(slog_level(new.gateway.log_level));
+        }
+        if old.docker_host != new.docker_host {
+            diff.restart_required.push("docker.host".into());
+        }
+        // Removed models: no new requests; they stop once their in-flight requests finish.
+        for entry in &mut self.models {
+            if !entry.retiring && !new.models.iter().any(|m| m.name == entry.spec.name) {
+                entry.retiring = true;
+                entry.pending = None;
+                diff.removed.push(entry.spec.name.clone());
+            }
+        }
+        let mut order = Vec::with_capacity(new.models.len());
+        for spec in &new.models {
+            match self
+                .models
+                .iter()
+                .position(|m| !m.retiring && m.spec.name == spec.name)
+            {
+                Some(i) => {
+                    let entry = &mut self.models[i];
+                    if entry.spec == *spec {
+                        // Unchanged: keeps running and keeps its counters.
+                    } else if entry.is_static()
+                        || matches!(spec.runtime, RuntimeSpec::Static { .. })
+                    {
+                        if let RuntimeSpec::Static { endpoints } = &spec.runtime {
+                            if entry.is_static() && entry.spec.runtime != spec.runtime {
+                                entry.endpoints = static_endpoints(endpoints);
+                            }
+                        }
+                        if entry.is_static() != matches!(spec.runtime, RuntimeSpec::Static { .. }) {
+                            entry.replacement = Some(spec.clone());
+                            diff.restarting.push(spec.name.clone());
+                        } else {
+                            entry.spec = spec.clone();
+                            diff.changed.push(spec.name.clone());
+                        }
+                    } else if runtime_changed(&entry.spec, spec) {
+                        entry.replacement = Some(spec.clone());
+                        diff.restarting.push(spec.name.clone());
+                    } else {
+                        entry.spec = spec.clone();
+                        diff.changed.push(spec.name.clone());
+                    }
+                    order.push(i);
+                }
+                None => {
+                    self.models.push(ModelEntry::new(
+                        spec.clone(),
+                        Arc::new(ModelShared::default()),
+                    ));
+                    let i = self.models.len() - 1;
+                    self.spawn_owner(i).await;
+                    if spec.pinned || spec.preload {
+                        self.want_start(i, Want::Sticky);
+                    }
+                    diff.added.push(spec.name.clone());
+                    order.push(i);
+                }
+            }
+        }
+        // Config order first, then the retiring ones.
+        let mut taken: Vec<Option<ModelEntry>> = std::mem::take(&mut self.models)
+            .into_iter()
+            .map(Some)
+            .collect();
+        for i in &order {
+            if let Some(entry) = taken[*i].take() {
+                self.models.push(entry);
+            }
+        }
+        self.models.extend(taken.into_iter().flatten());
+        self.config = new;
+        shared.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        self.retire_idle().await;
+        self.schedule();
+        self.publish(shared);
+        info!(self.log, "config reloaded"; "trigger" => trigger, "added" => ?diff.added, "removed" => ?diff.removed,
+            "changed" => ?diff.changed, "restarting" => ?diff.restarting, "restart_required" => ?diff.restart_required,
+            "us" => started.elapsed().as_micros() as u64);
+        if !diff.restart_required.is_empty() {
+            warn!(self.log, "some changed settings only take effect after a restart"; "settings" => ?diff.restart_required);
+        }
+        (200, diff.to_json())
+    }
+
+    /// Retire removed models and replace changed ones once nothing of theirs is in flight.
+    /// Returns whether anything changed.
+    async fn retire_idle(&mut self) -> bool {
+        let mut changed = false;
+        let mut i = 0;
+        while i < self.models.len() {
+            let entry = &mut self.models[i];
+            let idle = entry.shared.admission.in_flight() == 0;
+            if entry.retiring && idle && entry.shared.admission.queued() == 0 {
+                if let Some(owner) = entry.owner.take() {
+                    let _ = owner.send(Command::Retire);
+                }
+                info!(self.log, "removed model retired"; "model" => &entry.spec.name);
+                self.models.remove(i);
+                changed = true;
+                continue;
+            }
+            if entry.replacement.is_some() && idle {
+                let was_running = matches!(entry.state, ModelState::Ready | ModelState::Starting);
+                if let Some(owner) = entry.owner.take() {
+                    let _ = owner.send(Command::Retire);
+                }
+                if let Some(spec) = entry.replacement.take() {
+                    let shared = entry.shared.clone();
+                    *entry = ModelEntry::new(spec, shared);
+                }
+                info!(self.log, "restarting model with its new spec"; "model" => &self.models[i].spec.name);
+                self.spawn_owner(i).await;
+                let spec = &self.models[i].spec;
+                if was_running || spec.pinned || spec.preload {
+                    self.want_start(i, Want::Sticky);
+                } else if self.models[i].busy() {
+                    self.want_start(i, Want::Requested);
+                }
+                changed = true;
+            }
+            i += 1;
+        }
+        changed
     }
 
     fn publish(&mut self, shared: &Shared) {
@@ -379,7 +691,7 @@ impl ControlPlane {
         let Some(entry) = self
             .models
             .iter_mut()
-            .find(|m| *m.spec.name == *event.model)
+            .find(|m| *m.spec.name == *event.model && m.owner_id == event.owner)
         else {
             return;
         };
@@ -413,9 +725,8 @@ impl ControlPlane {
                     }
                 }
             }
-            ControlRequest::Reload => {
-                warn!(self.log, "reload is not available in this build");
-            }
+            // Answered in the run loop, which can await the reload.
+            ControlRequest::Reload { .. } => {}
         }
     }
 
@@ -462,8 +773,9 @@ impl ControlPlane {
                 continue;
             };
             let entry = &self.models[i];
-            // A stop in progress must finish before the same model starts again.
-            if entry.state == ModelState::Stopping {
+            // A stop in progress (or a replacement) must finish before the model starts again.
+            if entry.state == ModelState::Stopping || entry.replacement.is_some() || entry.retiring
+            {
                 continue;
             }
             if want == Want::Requested && !entry.busy() {
@@ -539,8 +851,8 @@ impl ControlPlane {
 
     /// Periodic work: pending starts (models may have become idle) and idle unloads.
     /// Returns whether anything changed.
-    fn housekeeping(&mut self) -> bool {
-        let mut changed = false;
+    async fn housekeeping(&mut self) -> bool {
+        let mut changed = self.retire_idle().await;
         let now_ms = dataplane::unix_ms();
         for entry in &mut self.models {
             let Some(idle_for) = entry.spec.idle_unload else {

@@ -19,7 +19,10 @@ use crate::{ControlError, StateEvent};
 pub enum Command {
     Start,
     Stop,
+    /// The gateway is exiting: stop processes, leave containers for the next gateway.
     Shutdown(oneshot::Sender<()>),
+    /// The model left the config or its runtime changed: stop the server for good and exit.
+    Retire,
 }
 
 /// How often a ready server's health is checked, and how many failures in a row fail it.
@@ -79,6 +82,8 @@ impl Server {
 pub struct Owner {
     spec: ModelSpec,
     name: Arc<str>,
+    /// Tells this owner's reports from those of an owner it replaced (after a reload).
+    id: u64,
     docker: Option<Arc<DockerRuntime>>,
     docker_error: Option<String>,
     events: mpsc::UnboundedSender<StateEvent>,
@@ -89,13 +94,16 @@ pub struct Owner {
 
 enum Started {
     Ready(Server),
-    /// A stop or shutdown arrived while starting.
-    Cancelled(Option<oneshot::Sender<()>>),
+    /// A stop arrived while starting.
+    Stopped,
+    /// The owner must exit (after answering `done`, if given).
+    Exit(Option<oneshot::Sender<()>>),
 }
 
 impl Owner {
     pub fn new(
         spec: ModelSpec,
+        id: u64,
         docker: Result<Arc<DockerRuntime>, String>,
         events: mpsc::UnboundedSender<StateEvent>,
         log: Logger,
@@ -109,6 +117,7 @@ impl Owner {
         Owner {
             spec,
             name,
+            id,
             docker,
             docker_error,
             events,
@@ -128,6 +137,7 @@ impl Owner {
         });
         let _ = self.events.send(StateEvent {
             model: self.name.clone(),
+            owner: self.id,
             state,
             endpoint,
         });
@@ -142,12 +152,12 @@ impl Owner {
                     self.report(ModelState::Ready, Some(server.addr()));
                     running = Some(server);
                 }
-                Ok(Started::Cancelled(done)) => {
-                    self.report(ModelState::Stopped, None);
+                Ok(Started::Stopped) => self.report(ModelState::Stopped, None),
+                Ok(Started::Exit(done)) => {
                     if let Some(done) = done {
                         let _ = done.send(());
-                        return;
                     }
+                    return;
                 }
                 Err(e) => {
                     warn!(self.log, "adopted server failed"; "error" => %e);
@@ -212,12 +222,12 @@ impl Owner {
                             self.report(ModelState::Ready, Some(server.addr()));
                             running = Some(server);
                         }
-                        Ok(Started::Cancelled(done)) => {
-                            self.report(ModelState::Stopped, None);
+                        Ok(Started::Stopped) => self.report(ModelState::Stopped, None),
+                        Ok(Started::Exit(done)) => {
                             if let Some(done) = done {
                                 let _ = done.send(());
-                                return;
                             }
+                            return;
                         }
                         Err(e) => {
                             warn!(self.log, "model failed to start"; "error" => %e);
@@ -237,6 +247,12 @@ impl Owner {
                         server.detach(&self.log).await;
                     }
                     let _ = done.send(());
+                    return;
+                }
+                Some(Command::Retire) => {
+                    if let Some(server) = running.take() {
+                        server.stop(&self.log).await;
+                    }
                     return;
                 }
                 None => {
@@ -325,15 +341,19 @@ impl Owner {
                     Some(Command::Stop) => {
                         self.report(ModelState::Stopping, None);
                         server.stop(&self.log).await;
-                        return Ok(Started::Cancelled(None));
+                        return Ok(Started::Stopped);
                     }
                     Some(Command::Shutdown(done)) => {
                         server.detach(&self.log).await;
-                        return Ok(Started::Cancelled(Some(done)));
+                        return Ok(Started::Exit(Some(done)));
+                    }
+                    Some(Command::Retire) => {
+                        server.stop(&self.log).await;
+                        return Ok(Started::Exit(None));
                     }
                     None => {
                         server.detach(&self.log).await;
-                        return Ok(Started::Cancelled(None));
+                        return Ok(Started::Exit(None));
                     }
                 },
                 healthy = probe(addr, &self.spec.health_path) => {

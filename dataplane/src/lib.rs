@@ -30,7 +30,7 @@ pub use snapshot::{Endpoint, ModelRoute, ModelShared, ModelState, Settings, Snap
 
 /// What the data plane asks of the control plane. Sent on an unbounded channel, so a worker
 /// never blocks on it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum ControlRequest {
     /// A request is waiting for this stopped or failed model.
     Start {
@@ -42,7 +42,29 @@ pub enum ControlRequest {
     Unload {
         model: Arc<str>,
     },
-    Reload,
+    /// Re-read the config file; the answer goes into `reply` when one is given.
+    Reload {
+        reply: Option<Arc<Reply>>,
+    },
+}
+
+/// A one-shot answer from the control plane to a waiting worker, without a lock: the value
+/// goes into a lock-free queue, then the cell fires.
+#[derive(Debug, Default)]
+pub struct Reply {
+    value: crossbeam_queue::SegQueue<(u16, serde_json::Value)>,
+    pub done: Arc<notify::WaitCell>,
+}
+
+impl Reply {
+    pub fn send(&self, status: u16, body: serde_json::Value) {
+        self.value.push((status, body));
+        self.done.fire();
+    }
+
+    pub fn take(&self) -> Option<(u16, serde_json::Value)> {
+        self.value.pop()
+    }
 }
 
 /// The live log level, read by the log drain on every record and changed at run time.

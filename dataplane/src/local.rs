@@ -10,6 +10,7 @@ use crate::http::{self, BodyKind, ChunkedParser, Request};
 use crate::io::ClientReader;
 use crate::proxy::{bearer, ct_eq, reply_error, Outcome};
 use crate::server::Worker;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::snapshot::{ModelState, Snapshot};
@@ -70,6 +71,39 @@ pub async fn handle(
                 )
             }
             ("GET", "/gateway/models") => (200, "application/json", models_json(snap)),
+            ("POST", "/gateway/reload") => {
+                if let Err(e) = check_admin(snap, &req) {
+                    return reply_error(worker, writer, None, e, keep).await;
+                }
+                let reply = Arc::new(crate::Reply::default());
+                let request = ControlRequest::Reload {
+                    reply: Some(reply.clone()),
+                };
+                if worker.shared.control.send(request).is_err() {
+                    let e = DataplaneError::ModelUnavailable {
+                        model: "(reload)".into(),
+                        reason: "the control plane is not running".into(),
+                    };
+                    return reply_error(worker, writer, None, e, false).await;
+                }
+                let _ = monoio::time::timeout(Duration::from_secs(30), reply.done.wait()).await;
+                match reply.take() {
+                    Some((status, body)) => (
+                        status,
+                        "application/json",
+                        serde_json::to_vec(&body).unwrap_or_default(),
+                    ),
+                    None => (
+                        504,
+                        "application/json",
+                        crate::error::error_body(
+                            "the reload did not finish within 30 s; check the gateway log",
+                            "server_error",
+                            "reload_timeout",
+                        ),
+                    ),
+                }
+            }
             ("POST", p) if p.starts_with("/gateway/models/") => {
                 if let Err(e) = check_admin(snap, &req) {
                     return reply_error(worker, writer, None, e, keep).await;
@@ -96,7 +130,7 @@ pub async fn handle(
             (
                 _,
                 "/health" | "/metrics" | "/v1/models" | "/gateway/config" | "/gateway/models"
-                | "/gateway/log-level",
+                | "/gateway/log-level" | "/gateway/reload",
             ) => {
                 let e = DataplaneError::MethodNotAllowed {
                     method: method.to_string(),

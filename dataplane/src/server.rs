@@ -40,9 +40,25 @@ pub struct DataplaneHandle {
     /// The driver each worker ended up with ("io_uring" or "epoll").
     pub driver: &'static str,
     threads: Vec<JoinHandle<()>>,
+    listener_fds: Vec<std::os::fd::RawFd>,
 }
 
 impl DataplaneHandle {
+    /// A call that makes every worker stop accepting connections (for a graceful drain);
+    /// connections already open carry on.
+    pub fn stopper(&self) -> impl FnOnce() + Send + 'static {
+        let fds = self.listener_fds.clone();
+        move || {
+            for fd in fds {
+                // SAFETY: the workers own these listeners until the process exits; shutting a
+                // listening socket down wakes its pending accept with an error.
+                unsafe {
+                    libc::shutdown(fd, libc::SHUT_RDWR);
+                }
+            }
+        }
+    }
+
     pub fn join(self) {
         for t in self.threads {
             let _ = t.join();
@@ -110,6 +126,7 @@ pub fn start(
     let first = listener(config.listen)?;
     let local_addr = first.local_addr()?;
     let mut listeners = vec![first];
+    use std::os::fd::AsRawFd;
     for _ in 1..workers {
         // Port 0 resolved by the first bind, so every worker shares the same port.
         listeners.push(listener(local_addr)?);
@@ -127,6 +144,7 @@ pub fn start(
             "driver = \"io_uring\" but io_uring is not available on this kernel; use \"auto\" or \"epoll\"",
         ));
     }
+    let listener_fds = listeners.iter().map(|l| l.as_raw_fd()).collect();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<std::io::Result<()>>(workers);
     let mut threads = Vec::with_capacity(workers);
     for (index, std_listener) in listeners.into_iter().enumerate() {
@@ -165,6 +183,7 @@ pub fn start(
         workers,
         driver,
         threads,
+        listener_fds,
     })
 }
 
@@ -225,6 +244,16 @@ async fn worker_main(
                 let worker = worker.clone();
                 monoio::spawn(async move { serve_connection(worker, stream).await });
             }
+            Err(_)
+                if worker
+                    .shared
+                    .draining
+                    .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                // The listener was shut for a drain: serve what is open until the exit.
+                info!(worker.log, "stopped accepting connections");
+                std::future::pending::<()>().await;
+            }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 error!(worker.log, "accept failed"; "error" => %e);
@@ -255,7 +284,13 @@ async fn serve_connection(worker: Rc<Worker>, stream: TcpStream) {
         } else {
             crate::local::handle(&worker, &snap, req, &mut reader, &mut writer).await
         };
-        if !outcome.keep_alive {
+        // While draining, a connection ends with its current response.
+        if !outcome.keep_alive
+            || worker
+                .shared
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return;
         }
     }
