@@ -180,3 +180,19 @@ fn default_config_serves_both_simulated_models() {
     assert_eq!(events.last().map(|e| e.1.as_str()), Some("[DONE]"));
     assert_eq!(events.len(), 4);
 }
+
+#[test]
+fn shipped_configs_pass_check() {
+    for file in ["gateway.toml", "examples/docker-gpu.toml", "examples/process-vllm.toml"] {
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+        let out = std::process::Command::new(bin())
+            .args(["check", "--config", &path])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -929,3 +929,62 @@ impl ControlPlane {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vram::{GpuMemory, GpuProbe};
+
+    /// Stands in for NVML: reports what a test says the device has.
+    struct FakeNvml(Vec<GpuMemory>);
+
+    impl GpuProbe for FakeNvml {
+        fn memory(&self) -> Option<Vec<GpuMemory>> {
+            Some(self.0.clone())
+        }
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+    }
+
+    fn plane(probe: Arc<dyn GpuProbe>) -> ControlPlane {
+        let text = r#"
+[gpus]
+vram_mib = [24000, 16000]
+[[models]]
+name = "a"
+runtime = "process"
+command = ["x", "{port}"]
+vram_mib = 10000
+"#;
+        let config = config::parse_str(text, &|_| None).unwrap();
+        let log = Logger::root(slog::Discard, slog::o!());
+        ControlPlane::with_probe(config, PathBuf::from("/nonexistent"), probe, log)
+    }
+
+    #[test]
+    fn without_nvml_the_config_totals_are_the_ledger() {
+        let mut cp = plane(Arc::new(vram::NoProbe));
+        assert_eq!(cp.ledger().free_mib, vec![24000, 16000]);
+        cp.models[0].state = ModelState::Ready;
+        assert_eq!(cp.ledger().free_mib, vec![14000, 16000]);
+    }
+
+    #[test]
+    fn with_nvml_the_smaller_figure_wins() {
+        let probe = FakeNvml(vec![
+            GpuMemory { total_mib: 81920, free_mib: 12000 },
+            GpuMemory { total_mib: 8000, free_mib: 7000 },
+        ]);
+        let mut cp = plane(Arc::new(probe));
+        let ledger = cp.ledger();
+        // GPU 0: the device has less free than the config says; GPU 1 is capped by the device.
+        assert_eq!(ledger.total_mib, vec![24000, 8000]);
+        assert_eq!(ledger.free_mib, vec![12000, 7000]);
+        cp.models[0].state = ModelState::Starting;
+        assert_eq!(cp.ledger().free_mib, vec![12000, 7000]);
+        cp.models[0].state = ModelState::Stopped;
+        cp.models[0].pending = Some(Want::Requested);
+        assert_eq!(cp.ledger().free_mib, vec![12000, 7000]);
+    }
+}
