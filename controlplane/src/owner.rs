@@ -144,25 +144,13 @@ impl Owner {
     }
 
     pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        let mut running: Option<Server> = self.adopt().await;
-        if let Some(server) = running.take() {
+        let mut running: Option<Server> = None;
+        if let Some(server) = self.adopt().await {
             self.report(ModelState::Starting, None);
-            match self.wait_healthy(server, &mut commands).await {
-                Ok(Started::Ready(server)) => {
-                    self.report(ModelState::Ready, Some(server.addr()));
-                    running = Some(server);
-                }
-                Ok(Started::Stopped) => self.report(ModelState::Stopped, None),
-                Ok(Started::Exit(done)) => {
-                    if let Some(done) = done {
-                        let _ = done.send(());
-                    }
-                    return;
-                }
-                Err(e) => {
-                    warn!(self.log, "adopted server failed"; "error" => %e);
-                    self.fail();
-                }
+            let started = self.wait_healthy(server, &mut commands).await;
+            match self.settle(started) {
+                Ok(server) => running = server,
+                Err(()) => return,
             }
         }
         let mut health_failures = 0u32;
@@ -215,24 +203,12 @@ impl Owner {
                         Ok(server) => self.wait_healthy(server, &mut commands).await,
                         Err(e) => Err(e),
                     };
-                    match started {
-                        Ok(Started::Ready(server)) => {
-                            self.failures = 0;
+                    match self.settle(started) {
+                        Ok(server) => {
                             health_failures = 0;
-                            self.report(ModelState::Ready, Some(server.addr()));
-                            running = Some(server);
+                            running = server;
                         }
-                        Ok(Started::Stopped) => self.report(ModelState::Stopped, None),
-                        Ok(Started::Exit(done)) => {
-                            if let Some(done) = done {
-                                let _ = done.send(());
-                            }
-                            return;
-                        }
-                        Err(e) => {
-                            warn!(self.log, "model failed to start"; "error" => %e);
-                            self.fail();
-                        }
+                        Err(()) => return,
                     }
                 }
                 Some(Command::Stop) => {
@@ -261,6 +237,33 @@ impl Owner {
                     }
                     return;
                 }
+            }
+        }
+    }
+
+    /// Report how a start ended. `Ok(Some)`: running; `Ok(None)`: not running;
+    /// `Err`: the owner must exit now.
+    fn settle(&mut self, started: Result<Started, ControlError>) -> Result<Option<Server>, ()> {
+        match started {
+            Ok(Started::Ready(server)) => {
+                self.failures = 0;
+                self.report(ModelState::Ready, Some(server.addr()));
+                Ok(Some(server))
+            }
+            Ok(Started::Stopped) => {
+                self.report(ModelState::Stopped, None);
+                Ok(None)
+            }
+            Ok(Started::Exit(done)) => {
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                Err(())
+            }
+            Err(e) => {
+                warn!(self.log, "model failed to start"; "error" => %e);
+                self.fail();
+                Ok(None)
             }
         }
     }
