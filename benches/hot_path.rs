@@ -62,6 +62,7 @@ fn route(name: &str) -> Arc<ModelRoute> {
         max_queue_size: 1_000_000,
         state: ModelState::Ready,
         vram_blocked: false,
+        last_error: None,
         runtime: "static",
         vram_mib: 0,
         pinned: false,

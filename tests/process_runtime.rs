@@ -183,7 +183,11 @@ fn default_config_serves_both_simulated_models() {
 
 #[test]
 fn shipped_configs_pass_check() {
-    for file in ["gateway.toml", "examples/docker-gpu.toml", "examples/process-vllm.toml"] {
+    for file in [
+        "gateway.toml",
+        "examples/docker-gpu.toml",
+        "examples/process-vllm.toml",
+    ] {
         let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
         let out = std::process::Command::new(bin())
             .args(["check", "--config", &path])

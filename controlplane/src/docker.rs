@@ -86,20 +86,18 @@ fn docker_parts(spec: &ModelSpec) -> Option<DockerParts<'_>> {
 }
 
 /// An error about one model's container.
-// TODO(owner): switch to a dedicated `ControlError::Docker { model, cause }` once it exists.
 fn docker_error(model: &str, cause: impl Into<String>) -> ControlError {
-    ControlError::Spawn {
+    ControlError::Docker {
         model: model.to_string(),
         cause: cause.into(),
     }
 }
 
 /// The engine cannot be reached at all.
-// TODO(owner): switch to a dedicated `ControlError::DockerUnavailable { host, cause }`.
 fn unavailable(host: &str, cause: impl std::fmt::Display) -> ControlError {
-    ControlError::Spawn {
-        model: "(all docker models)".to_string(),
-        cause: format!("could not reach the Docker engine at {host}: {cause}"),
+    ControlError::DockerUnavailable {
+        host: host.to_string(),
+        cause: cause.to_string(),
     }
 }
 

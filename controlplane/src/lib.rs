@@ -46,8 +46,10 @@ pub enum ControlError {
     },
     #[error("model server for '{model}' did not become healthy within {secs} s")]
     StartupTimeout { model: String, secs: u64 },
-    #[error("docker: {0}")]
-    Docker(String),
+    #[error("docker container for '{model}': {cause}")]
+    Docker { model: String, cause: String },
+    #[error("could not reach the Docker engine at {host}: {cause}")]
+    DockerUnavailable { host: String, cause: String },
 }
 
 impl ControlError {
@@ -65,6 +67,8 @@ pub(crate) struct StateEvent {
     owner: u64,
     state: ModelState,
     endpoint: Option<Arc<Endpoint>>,
+    /// Why, for `failed`.
+    error: Option<String>,
 }
 
 /// Why a model is waiting to start.
@@ -93,6 +97,8 @@ struct ModelEntry {
     /// Pending and no eviction can make room now.
     vram_blocked: bool,
     ready_since: Option<Instant>,
+    /// Why the last start or run failed, shown to clients and in /gateway/models.
+    last_error: Option<Arc<str>>,
 }
 
 impl ModelEntry {
@@ -131,6 +137,7 @@ impl ModelEntry {
             pending: None,
             vram_blocked: false,
             ready_since: None,
+            last_error: None,
         }
     }
 }
@@ -268,6 +275,7 @@ impl ControlPlane {
                     max_queue_size: spec.max_queue_size,
                     state,
                     vram_blocked: m.vram_blocked,
+                    last_error: m.last_error.clone(),
                     runtime: spec.runtime_name(),
                     vram_mib: if m.is_static() { 0 } else { spec.vram_mib },
                     pinned: spec.pinned,
@@ -511,7 +519,10 @@ impl ControlPlane {
                 shared.metrics.reloads_error.fetch_add(1, Ordering::Relaxed);
                 let message = format!("cannot read {}: {e}", self.path.display());
                 warn!(self.log, "reload failed"; "trigger" => trigger, "error" => &message);
-                return (400, reload::error_body(&message, std::slice::from_ref(&message)));
+                return (
+                    400,
+                    reload::error_body(&message, std::slice::from_ref(&message)),
+                );
             }
         };
         if !forced && text == self.loaded_text {
@@ -701,6 +712,11 @@ impl ControlPlane {
         entry.state = event.state;
         entry.endpoints = event.endpoint.into_iter().collect();
         entry.ready_since = (event.state == ModelState::Ready).then(Instant::now);
+        if event.state == ModelState::Failed {
+            entry.last_error = event.error.map(Arc::from);
+        } else if event.state == ModelState::Ready {
+            entry.last_error = None;
+        }
     }
 
     fn handle(&mut self, request: ControlRequest) {
@@ -973,8 +989,14 @@ vram_mib = 10000
     #[test]
     fn with_nvml_the_smaller_figure_wins() {
         let probe = FakeNvml(vec![
-            GpuMemory { total_mib: 81920, free_mib: 12000 },
-            GpuMemory { total_mib: 8000, free_mib: 7000 },
+            GpuMemory {
+                total_mib: 81920,
+                free_mib: 12000,
+            },
+            GpuMemory {
+                total_mib: 8000,
+                free_mib: 7000,
+            },
         ]);
         let mut cp = plane(Arc::new(probe));
         let ledger = cp.ledger();

@@ -140,6 +140,7 @@ impl Owner {
             owner: self.id,
             state,
             endpoint,
+            error: None,
         });
     }
 
@@ -164,7 +165,7 @@ impl Owner {
                         let tail = server.tail().await;
                         warn!(self.log, "model server exited"; "status" => &status, "output" => tail);
                         running = None;
-                        self.fail();
+                        self.fail(format!("its server exited ({status})"));
                         continue;
                     }
                     _ = tokio::time::sleep(HEALTH_INTERVAL) => {
@@ -178,7 +179,7 @@ impl Owner {
                                 if let Some(server) = running.take() {
                                     server.stop(&self.log).await;
                                 }
-                                self.fail();
+                                self.fail(format!("its server failed {HEALTH_FAILURES} health checks in a row"));
                             }
                         }
                         continue;
@@ -262,16 +263,24 @@ impl Owner {
             }
             Err(e) => {
                 warn!(self.log, "model failed to start"; "error" => %e);
-                self.fail();
+                // The first line: the output tail stays in the log.
+                let reason = e.to_string();
+                self.fail(reason.lines().next().unwrap_or_default().to_string());
                 Ok(None)
             }
         }
     }
 
-    fn fail(&mut self) {
+    fn fail(&mut self, reason: String) {
         self.failures += 1;
         self.last_failure = Some(Instant::now());
-        self.report(ModelState::Failed, None);
+        let _ = self.events.send(StateEvent {
+            model: self.name.clone(),
+            owner: self.id,
+            state: ModelState::Failed,
+            endpoint: None,
+            error: Some(reason),
+        });
     }
 
     async fn adopt(&self) -> Option<Server> {
@@ -301,14 +310,13 @@ impl Owner {
                 let Some(runtime) = self.docker.clone() else {
                     return Err(ControlError::Spawn {
                         model: self.spec.name.clone(),
-                        cause: format!(
-                            "the Docker engine is not reachable: {}",
-                            self.docker_error.as_deref().unwrap_or("unknown error")
-                        ),
+                        cause: self
+                            .docker_error
+                            .clone()
+                            .unwrap_or_else(|| "the Docker engine is not reachable".into()),
                     });
                 };
                 let container = runtime.launch(&self.spec).await?;
-                info!(self.log, "container started"; "id" => &container.id, "addr" => %container.addr);
                 Ok(Server::Docker { runtime, container })
             }
             RuntimeSpec::Static { .. } => Err(ControlError::Spawn {

@@ -289,6 +289,7 @@ fn models_json(snap: &Snapshot) -> Vec<u8> {
                 "vram_mib": m.vram_mib,
                 "pinned": m.pinned,
                 "last_used_ms": m.shared.last_used_ms.load(Ordering::Relaxed),
+                "last_error": m.last_error.as_deref(),
             })
         })
         .collect();

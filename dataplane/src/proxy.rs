@@ -336,7 +336,10 @@ async fn wait_until_ready(
             ModelState::Failed if asked.is_some_and(|at| snap.generation > at) => {
                 let e = DataplaneError::ModelUnavailable {
                     model: name.into(),
-                    reason: "its server failed to start".into(),
+                    reason: route.last_error.as_deref().map_or_else(
+                        || "its server failed to start".to_string(),
+                        |why| format!("its server failed to start: {why}"),
+                    ),
                 };
                 return Err((snap, e));
             }

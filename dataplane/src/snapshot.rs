@@ -134,6 +134,8 @@ pub struct ModelRoute {
     pub state: ModelState,
     /// Waiting to start, and no eviction can make room now: a timeout is `insufficient_vram`.
     pub vram_blocked: bool,
+    /// Why the model's last start or run failed.
+    pub last_error: Option<Arc<str>>,
     pub runtime: &'static str,
     pub vram_mib: u64,
     pub pinned: bool,
