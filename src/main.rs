@@ -208,11 +208,6 @@ fn serve(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Scripts and tests read the bound address (port 0 resolves here) from this line.
-    println!(
-        "vllm-gateway listening on http://{} ({} worker(s), {})",
-        handle.local_addr, handle.workers, handle.driver
-    );
     let control = match control.spawn(shared, control_rx, Box::new(handle.stopper())) {
         Ok(thread) => thread,
         Err(e) => {
@@ -220,6 +215,12 @@ fn serve(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Scripts and tests read the bound address (port 0 resolves here) from this line; it
+    // comes once signals and config edits are being watched.
+    println!(
+        "vllm-gateway listening on http://{} ({} worker(s), {})",
+        handle.local_addr, handle.workers, handle.driver
+    );
     let code = control.join().unwrap_or(1);
     slog::info!(log, "exiting"; "code" => code);
     drop(log);

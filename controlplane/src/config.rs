@@ -475,6 +475,22 @@ pub struct EndpointSpec {
 }
 
 impl Config {
+    /// Take, from the running config, the settings a reload cannot apply (they need a
+    /// restart), so this config describes what is really in effect.
+    pub fn keep_restart_settings_from(&mut self, running: &Config) {
+        self.gateway.listen = running.gateway.listen;
+        self.gateway.workers = running.gateway.workers;
+        self.gateway.driver = running.gateway.driver;
+        self.gateway.log_format = running.gateway.log_format;
+        self.docker_host = running.docker_host.clone();
+        let (raw, old) = (&mut self.raw, &running.raw);
+        raw.gateway.listen = old.gateway.listen.clone();
+        raw.gateway.workers = old.gateway.workers;
+        raw.gateway.driver = old.gateway.driver.clone();
+        raw.gateway.log_format = old.gateway.log_format.clone();
+        raw.docker.host = old.docker.host.clone();
+    }
+
     /// The effective config as JSON with secrets replaced by `"***"`: a
     /// non-empty `admin_token`, every `api_keys` entry and every model `env`
     /// value (they often carry tokens such as `HF_TOKEN`).

@@ -302,7 +302,8 @@ impl ControlPlane {
         requests: crossbeam_channel::Receiver<ControlRequest>,
         stop_accepting: Box<dyn FnOnce() + Send>,
     ) -> std::io::Result<std::thread::JoinHandle<i32>> {
-        std::thread::Builder::new()
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
             .name("control-plane".into())
             .spawn(move || {
                 let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -315,8 +316,12 @@ impl ControlPlane {
                         return 1;
                     }
                 };
-                runtime.block_on(self.run(shared, requests, stop_accepting))
-            })
+                runtime.block_on(self.run(shared, requests, stop_accepting, ready_tx))
+            })?;
+        // Return once signal handlers and the file watcher are in place, so that a signal or
+        // an edit right after the gateway announces itself is never lost.
+        let _ = ready_rx.recv_timeout(Duration::from_secs(10));
+        Ok(thread)
     }
 
     async fn run(
@@ -324,6 +329,7 @@ impl ControlPlane {
         shared: Arc<Shared>,
         requests: crossbeam_channel::Receiver<ControlRequest>,
         stop_accepting: Box<dyn FnOnce() + Send>,
+        ready: std::sync::mpsc::Sender<()>,
     ) -> i32 {
         // Workers send on a crossbeam channel (no tokio in the data plane); a small thread
         // moves those messages onto the runtime without polling.
@@ -379,7 +385,9 @@ impl ControlPlane {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // File events come in bursts (one save is several events): reload once they settle.
-        let mut reload_due: Option<tokio::time::Instant> = None;
+        // One check right away catches an edit made before the watcher was in place.
+        let mut reload_due: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+        let _ = ready.send(());
 
         loop {
             let debounce = async {
@@ -530,7 +538,7 @@ impl ControlPlane {
         }
         self.loaded_text = text.clone();
         let started = Instant::now();
-        let new = match config::parse_str(&text, &|k| std::env::var(k).ok()) {
+        let mut new = match config::parse_str(&text, &|k| std::env::var(k).ok()) {
             Ok(c) => c,
             Err(errors) => {
                 shared.metrics.reloads_error.fetch_add(1, Ordering::Relaxed);
@@ -568,6 +576,8 @@ impl ControlPlane {
         if old.docker_host != new.docker_host {
             diff.restart_required.push("docker.host".into());
         }
+        // Not half-applied: the running values stay, and stay what /gateway/config shows.
+        new.keep_restart_settings_from(old);
         // Removed models: no new requests; they stop once their in-flight requests finish.
         for entry in &mut self.models {
             if !entry.retiring && !new.models.iter().any(|m| m.name == entry.spec.name) {

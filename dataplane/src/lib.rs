@@ -118,8 +118,9 @@ impl Shared {
     /// Publish a new snapshot and wake requests waiting on a model's state.
     pub fn publish(&self, snapshot: Snapshot) {
         let snapshot = Arc::new(snapshot);
-        self.snapshot.store(snapshot.clone());
-        for model in &snapshot.models {
+        let previous = self.snapshot.swap(snapshot.clone());
+        // Models that left the snapshot too: their waiters must see that they are gone.
+        for model in previous.models.iter().chain(&snapshot.models) {
             model.shared.state_changed.notify_all();
         }
     }
