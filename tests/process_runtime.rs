@@ -7,27 +7,7 @@ use common::*;
 use std::time::{Duration, Instant};
 
 fn sim_model(name: &str, startup_ms: u64, extra: &str) -> String {
-    format!(
-        r#"[[models]]
-name = "{name}"
-upstream_model = "up-{name}"
-runtime = "process"
-command = ["{{gateway_exe}}", "sim", "--listen", "127.0.0.1:{{port}}", "--model", "up-{name}", "--ttft-ms", "0", "--startup-ms", "{startup_ms}"]
-startup_timeout_s = 20
-{extra}
-"#
-    )
-}
-
-fn model_field(gw: std::net::SocketAddr, name: &str, field: &str) -> serde_json::Value {
-    let models = get(gw, "/gateway/models").json();
-    models
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in /gateway/models"))[field]
-        .clone()
+    process_sim_model(name, startup_ms, "", extra)
 }
 
 #[test]

@@ -108,14 +108,6 @@ fn model_names(gw: SocketAddr) -> Vec<String> {
         .collect()
 }
 
-fn model_field(gw: SocketAddr, name: &str, field: &str) -> serde_json::Value {
-    models(gw)
-        .into_iter()
-        .find(|m| m["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in /gateway/models"))[field]
-        .clone()
-}
-
 fn names(list: &serde_json::Value) -> Vec<String> {
     list.as_array()
         .unwrap_or_else(|| panic!("not a list: {list}"))
@@ -124,23 +116,13 @@ fn names(list: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-fn chat_status(gw: SocketAddr, model: &str) -> Response {
-    post_json(gw, CHAT, &chat(model, 2, false))
+/// A process model on the simulator; `sim_args` is added to its command.
+fn sim_model_args(name: &str, sim_args: &str, extra: &str) -> String {
+    process_sim_model(name, 0, sim_args, extra)
 }
 
-/// A process-runtime model running the built-in simulator; `sim_args` is added to its
-/// command, e.g. `, "--tokens-per-s", "10"`.
-fn sim_model(name: &str, sim_args: &str, extra: &str) -> String {
-    format!(
-        r#"[[models]]
-name = "{name}"
-upstream_model = "up-{name}"
-runtime = "process"
-command = ["{{gateway_exe}}", "sim", "--listen", "127.0.0.1:{{port}}", "--model", "up-{name}", "--ttft-ms", "0"{sim_args}]
-startup_timeout_s = 20
-{extra}
-"#
-    )
+fn chat_status(gw: SocketAddr, model: &str) -> Response {
+    post_json(gw, CHAT, &chat(model, 2, false))
 }
 
 fn wait_ready(gw: &Proc, name: &str) {
@@ -713,7 +695,7 @@ fn removed_model_finishes_its_stream_then_stops() {
     let with_gone = format!(
         "{GATEWAY_HEAD}{}{}",
         static_model("keep", "sim-keep", keep.addr, ""),
-        sim_model("gone", ", \"--tokens-per-s\", \"10\"", "preload = true")
+        sim_model_args("gone", ", \"--tokens-per-s\", \"10\"", "preload = true")
     );
     let (path, real) = unwatched("remove", &with_gone);
     let gw = spawn_gateway(&path);
@@ -866,7 +848,7 @@ fn changed_runtime_restarts_after_the_stream_in_flight() {
     let config = |ttft: &str| {
         format!(
             "{GATEWAY_HEAD}{}",
-            sim_model(
+            sim_model_args(
                 "m",
                 &format!(", \"--tokens-per-s\", \"10\", \"--ttft-ms\", \"{ttft}\""),
                 "preload = true"
@@ -1092,7 +1074,7 @@ fn reload_needs_the_admin_token() {
 fn sigterm_drains_the_stream_in_flight_then_exits() {
     let config = format!(
         "{GATEWAY_HEAD}{}",
-        sim_model("m", ", \"--tokens-per-s\", \"10\"", "preload = true")
+        sim_model_args("m", ", \"--tokens-per-s\", \"10\"", "preload = true")
     );
     let path = config_file("drain", &config);
     let mut gw = spawn_gateway(&path);
@@ -1286,7 +1268,7 @@ fn removing_a_starting_model_answers_its_queued_request() {
         "remove-starting",
         &format!(
             "{GATEWAY_HEAD}{keep_model}{}",
-            sim_model("cold", ", \"--startup-ms\", \"2000\"", "")
+            sim_model_args("cold", ", \"--startup-ms\", \"2000\"", "")
         ),
     );
     let gw = spawn_gateway(&path);

@@ -833,20 +833,38 @@ impl ControlPlane {
                     last_used_ms: m.shared.last_used_ms.load(Ordering::Relaxed),
                 })
                 .collect();
-            let freeing = self.models.iter().any(|m| {
-                m.state == ModelState::Stopping && m.spec.gpus.iter().any(|g| gpus.contains(g))
-            });
-            match vram::victims(needed, &gpus, &ledger.free_mib, &candidates) {
-                Some(victims) if victims.is_empty() => {
-                    let entry = &mut self.models[i];
-                    entry.pending = None;
-                    entry.vram_blocked = false;
-                    entry.state = ModelState::Starting;
-                    entry.shared.metrics.starts.fetch_add(1, Ordering::Relaxed);
-                    if let Some(owner) = &entry.owner {
-                        let _ = owner.send(Command::Start);
+            // Stops already under way will free their VRAM: count it, so a second stop
+            // event does not pick yet another victim while the first is still stopping.
+            let mut free_after_stops = ledger.free_mib.clone();
+            for m in self
+                .models
+                .iter()
+                .filter(|m| m.state == ModelState::Stopping && m.holds_vram())
+            {
+                for g in &m.spec.gpus {
+                    if let Some(f) = free_after_stops.get_mut(*g) {
+                        *f += m.spec.vram_mib;
                     }
                 }
+            }
+            let freeing = free_after_stops != ledger.free_mib;
+            let fits_now = gpus
+                .iter()
+                .all(|g| ledger.free_mib.get(*g).copied().unwrap_or(0) >= needed);
+            if fits_now {
+                let entry = &mut self.models[i];
+                entry.pending = None;
+                entry.vram_blocked = false;
+                entry.state = ModelState::Starting;
+                entry.shared.metrics.starts.fetch_add(1, Ordering::Relaxed);
+                if let Some(owner) = &entry.owner {
+                    let _ = owner.send(Command::Start);
+                }
+                continue;
+            }
+            match vram::victims(needed, &gpus, &free_after_stops, &candidates) {
+                // Enough is already being freed: wait for those stops.
+                Some(victims) if victims.is_empty() => self.models[i].vram_blocked = false,
                 Some(victims) => {
                     for j in victims {
                         let victim = &self.models[j];

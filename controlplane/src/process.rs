@@ -125,7 +125,12 @@ pub fn launch(spec: &ModelSpec, log: &Logger) -> Result<ProcessServer, ControlEr
     })
 }
 
+/// This binary. `/proc/self/exe` still reaches it after the file was replaced on disk (an
+/// upgrade or a rebuild while running), where the path would name a deleted file.
 fn gateway_exe() -> String {
+    if std::path::Path::new("/proc/self/exe").exists() {
+        return "/proc/self/exe".into();
+    }
     std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "vllm-gateway".into())

@@ -442,3 +442,30 @@ pub fn read_request(
     reader.read_exact(&mut body).ok()?;
     Some((line.trim_end().to_string(), headers, body))
 }
+
+/// A process-runtime model running the built-in simulator as `up-NAME`; `sim_args` is added
+/// to its command, e.g. `, "--tokens-per-s", "5"`.
+pub fn process_sim_model(name: &str, startup_ms: u64, sim_args: &str, extra: &str) -> String {
+    format!(
+        r#"[[models]]
+name = "{name}"
+upstream_model = "up-{name}"
+runtime = "process"
+command = ["{{gateway_exe}}", "sim", "--listen", "127.0.0.1:{{port}}", "--model", "up-{name}", "--ttft-ms", "0", "--startup-ms", "{startup_ms}"{sim_args}]
+startup_timeout_s = 20
+{extra}
+"#
+    )
+}
+
+/// One field of one model in `GET /gateway/models`.
+pub fn model_field(gw: SocketAddr, name: &str, field: &str) -> serde_json::Value {
+    let models = get(gw, "/gateway/models").json();
+    models
+        .as_array()
+        .expect("/gateway/models is an array")
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in /gateway/models"))[field]
+        .clone()
+}
