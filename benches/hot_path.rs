@@ -192,46 +192,36 @@ fn bench_admission(c: &mut Criterion) {
     g.finish();
 }
 
+/// What the data plane does for one request before and after forwarding it.
+fn one_request(swap: &ArcSwap<Snapshot>, body: &[u8], check_tail: bool) -> bool {
+    let Extract::Found { model, span } = find_model(body) else {
+        unreachable!("the bench body has a model")
+    };
+    if check_tail {
+        check_rest(body, span.1).unwrap();
+    }
+    let snap = swap.load();
+    let route = snap.route(&model).unwrap();
+    let admission = &route.shared.admission;
+    let granted = match admission.acquire(route.max_concurrent, route.max_queue_size) {
+        Acquire::Granted(slot) => {
+            drop(black_box(slot));
+            true
+        }
+        _ => false,
+    };
+    granted
+}
+
 fn bench_hot_path(c: &mut Criterion) {
     let mut g = c.benchmark_group("hot_path_1KB");
     let swap = snapshot();
     let b1k = body(1024, false);
     g.bench_function("extract+lookup+admit+release", |b| {
-        b.iter(|| {
-            let Extract::Found { model, .. } = find_model(black_box(&b1k)) else {
-                unreachable!()
-            };
-            let snap = swap.load();
-            let route = snap.route(&model).unwrap();
-            let adm = &route.shared.admission;
-            let granted = match adm.acquire(route.max_concurrent, route.max_queue_size) {
-                Acquire::Granted(slot) => {
-                    drop(black_box(slot));
-                    true
-                }
-                _ => false,
-            };
-            black_box(granted)
-        })
+        b.iter(|| one_request(&swap, black_box(&b1k), false))
     });
     g.bench_function("extract+check_rest+lookup+admit+release", |b| {
-        b.iter(|| {
-            let Extract::Found { model, span } = find_model(black_box(&b1k)) else {
-                unreachable!()
-            };
-            check_rest(&b1k, span.1).unwrap();
-            let snap = swap.load();
-            let route = snap.route(&model).unwrap();
-            let adm = &route.shared.admission;
-            let granted = match adm.acquire(route.max_concurrent, route.max_queue_size) {
-                Acquire::Granted(slot) => {
-                    drop(black_box(slot));
-                    true
-                }
-                _ => false,
-            };
-            black_box(granted)
-        })
+        b.iter(|| one_request(&swap, black_box(&b1k), true))
     });
     let naive: Mutex<HashMap<String, (usize, usize)>> = Mutex::new(HashMap::new());
     let names: Mutex<HashMap<String, usize>> = Mutex::new(

@@ -469,3 +469,34 @@ pub fn model_field(gw: SocketAddr, name: &str, field: &str) -> serde_json::Value
         .unwrap_or_else(|| panic!("{name} not in /gateway/models"))[field]
         .clone()
 }
+
+/// The model's (single) server address from `/gateway/models`.
+pub fn endpoint(gw: SocketAddr, name: &str) -> SocketAddr {
+    let endpoints = model_field(gw, name, "endpoints");
+    let url = endpoints[0]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} has no endpoint: {endpoints}"));
+    url.trim_start_matches("http://").parse().unwrap()
+}
+
+/// The pid of the simulator listening on `addr`, found by its command line.
+pub fn sim_pid(addr: SocketAddr) -> Option<i32> {
+    let listen = addr.to_string();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_sim = args.iter().any(|a| *a == b"sim");
+        let listens = args
+            .windows(2)
+            .any(|w| w[0] == b"--listen" && w[1] == listen.as_bytes());
+        if is_sim && listens {
+            return Some(pid);
+        }
+    }
+    None
+}
