@@ -170,7 +170,7 @@ fn least_recently_used_idle_model_is_evicted() {
     assert_eq!(starts(gw.addr, "c"), 1.0);
     assert_eq!(vram_used(gw.addr), 24_000.0);
     for m in ["a", "b", "c"] {
-        assert!(counters_zero(gw.addr, m), "{m}");
+        assert!(counters_settle(gw.addr, m), "{m}");
     }
 }
 
@@ -201,8 +201,8 @@ fn pinned_model_is_never_evicted() {
     assert_eq!(starts(gw.addr, "x"), 0.0);
     wait_state(&gw, "x", "stopped", Duration::from_secs(3));
     assert_eq!(vram_used(gw.addr), 12_000.0);
-    assert!(counters_zero(gw.addr, "p"));
-    assert!(counters_zero(gw.addr, "x"));
+    assert!(counters_settle(gw.addr, "p"));
+    assert!(counters_settle(gw.addr, "x"));
     // p still serves.
     ok_chat(&gw, "p");
 }
@@ -273,8 +273,8 @@ fn busy_model_is_not_evicted_until_its_stream_ends() {
     assert_eq!(evictions(gw.addr, "a"), 1.0);
     assert_eq!(evictions(gw.addr, "b"), 0.0);
     assert_eq!(vram_used(gw.addr), 12_000.0);
-    assert!(counters_zero(gw.addr, "a"));
-    assert!(counters_zero(gw.addr, "b"));
+    assert!(counters_settle(gw.addr, "a"));
+    assert!(counters_settle(gw.addr, "b"));
 }
 
 #[test]
@@ -308,7 +308,7 @@ fn waiting_for_vram_held_by_a_busy_model_gives_503_insufficient_vram() {
     assert_states(&gw, &[("a", "ready")]);
     assert_eq!(evictions(gw.addr, "a"), 0.0);
     assert_eq!(starts(gw.addr, "w"), 0.0);
-    assert!(counters_zero(gw.addr, "w"));
+    assert!(counters_settle(gw.addr, "w"));
     wait_state(&gw, "w", "stopped", Duration::from_secs(3));
 
     // The client drops the stream: a's counters come back to zero and a stays ready.
@@ -317,7 +317,7 @@ fn waiting_for_vram_held_by_a_busy_model_gives_503_insufficient_vram() {
         eventually(Duration::from_secs(5), || counters_zero(gw.addr, "a")),
         "a's counters did not return to zero after the client left"
     );
-    assert!(counters_zero(gw.addr, "w"));
+    assert!(counters_settle(gw.addr, "w"));
     assert_states(&gw, &[("a", "ready"), ("w", "stopped")]);
     assert_eq!(vram_used(gw.addr), 12_000.0);
 }
@@ -369,7 +369,7 @@ fn crashed_server_becomes_failed_and_the_next_request_restarts_it() {
         1.0
     );
     assert_eq!(get(endpoint(gw.addr, "m"), "/health").status, 200);
-    assert!(counters_zero(gw.addr, "m"));
+    assert!(counters_settle(gw.addr, "m"));
 }
 
 #[test]
@@ -400,7 +400,7 @@ fn idle_model_is_unloaded_and_cold_starts_again() {
     assert_states(&gw, &[("m", "ready")]);
     assert_eq!(starts(gw.addr, "m"), 2.0);
     assert_eq!(vram_used(gw.addr), 12_000.0);
-    assert!(counters_zero(gw.addr, "m"));
+    assert!(counters_settle(gw.addr, "m"));
 }
 
 #[test]

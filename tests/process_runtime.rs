@@ -61,7 +61,7 @@ fn cold_start_on_request_counts_as_queued() {
         metric(gw.addr, "gateway_model_starts_total{model=\"cold\"}"),
         1.0
     );
-    assert!(counters_zero(gw.addr, "cold"));
+    assert!(counters_settle(gw.addr, "cold"));
 }
 
 #[test]
@@ -93,7 +93,7 @@ startup_timeout_s = 60
         gw.stderr()
     );
     assert_eq!(model_field(gw.addr, "broken", "state"), "failed");
-    assert!(counters_zero(gw.addr, "broken"));
+    assert!(counters_settle(gw.addr, "broken"));
 }
 
 #[test]
@@ -112,7 +112,7 @@ fn startup_timeout_gives_503() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(6),
         "{waited:?}"
     );
-    assert!(counters_zero(gw.addr, "slow"));
+    assert!(counters_settle(gw.addr, "slow"));
 }
 
 #[test]

@@ -500,3 +500,9 @@ pub fn sim_pid(addr: SocketAddr) -> Option<i32> {
     }
     None
 }
+
+/// The per-model counters reach zero within a few seconds. A slot is released just after a
+/// response's last byte is written, so a client can see the response a moment before.
+pub fn counters_settle(gw: SocketAddr, model: &str) -> bool {
+    eventually(Duration::from_secs(3), || counters_zero(gw, model))
+}
