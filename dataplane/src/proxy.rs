@@ -107,9 +107,26 @@ pub async fn proxy(
     if worker.shared.draining.load(Ordering::Relaxed) {
         return reply_error(worker, writer, None, DataplaneError::ShuttingDown, false).await;
     }
+    if let BodyKind::Length(n) = req.body {
+        if n > settings.max_body_bytes as u64 {
+            let e = DataplaneError::BodyTooLarge {
+                limit: settings.max_body_bytes,
+            };
+            return reply_error(worker, writer, None, e, false).await;
+        }
+    }
+    // Invite the body only once it is known to be acceptable so far.
+    if req.expect_continue && req.body != BodyKind::None {
+        let (res, _) = writer
+            .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+            .await;
+        if res.is_err() {
+            return Outcome::close();
+        }
+    }
     let length = match req.body {
         BodyKind::Length(n) => n,
-        BodyKind::Chunked => match read_chunked(worker, &snap, reader, writer, &req).await {
+        BodyKind::Chunked => match read_chunked(&snap, reader).await {
             Ok(n) => n,
             Err(e) => return reply_error(worker, writer, None, e, false).await,
         },
@@ -120,20 +137,6 @@ pub async fn proxy(
             return reply_error(worker, writer, None, e, req.keep_alive).await;
         }
     };
-    if length > settings.max_body_bytes as u64 {
-        let e = DataplaneError::BodyTooLarge {
-            limit: settings.max_body_bytes,
-        };
-        return reply_error(worker, writer, None, e, false).await;
-    }
-    if req.expect_continue && req.body != BodyKind::Chunked {
-        let (res, _) = writer
-            .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
-            .await;
-        if res.is_err() {
-            return Outcome::close();
-        }
-    }
 
     // Read until the model is known; the rest of the body streams later.
     let (route_name, body) = loop {
@@ -378,14 +381,7 @@ async fn wait_until_ready(
 
 /// A chunked request body is read whole (bounded by `max_body_bytes`) and put back in the
 /// client buffer de-chunked, so it can be forwarded with a Content-Length and replayed.
-async fn read_chunked(
-    worker: &Worker,
-    snap: &Snapshot,
-    reader: &mut ClientReader,
-    _writer: &mut TcpOwnedWriteHalf,
-    req: &Request,
-) -> Result<u64, DataplaneError> {
-    let _ = (worker, req);
+async fn read_chunked(snap: &Snapshot, reader: &mut ClientReader) -> Result<u64, DataplaneError> {
     let limit = snap.settings.max_body_bytes;
     let mut parser = ChunkedParser::default();
     let mut body = BytesMut::new();
