@@ -340,6 +340,8 @@ pub struct ChunkedParser {
 enum ChunkState {
     #[default]
     Size,
+    /// Whitespace after the size: only more of it, `;` or CR may follow.
+    SizeWs,
     Extension,
     SizeLf,
     Data,
@@ -383,10 +385,15 @@ impl ChunkedParser {
                         self.size = self.size * 16 + (b as char).to_digit(16).unwrap_or(0) as u64;
                         self.size_digits += 1;
                     }
-                    b';' | b' ' | b'\t' if self.size_digits > 0 => {
-                        self.state = ChunkState::Extension
-                    }
+                    b';' if self.size_digits > 0 => self.state = ChunkState::Extension,
+                    b' ' | b'\t' if self.size_digits > 0 => self.state = ChunkState::SizeWs,
                     b'\r' if self.size_digits > 0 => self.state = ChunkState::SizeLf,
+                    _ => return Err("invalid chunk size"),
+                },
+                ChunkState::SizeWs => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = ChunkState::Extension,
+                    b'\r' => self.state = ChunkState::SizeLf,
                     _ => return Err("invalid chunk size"),
                 },
                 ChunkState::Extension => {
@@ -429,18 +436,19 @@ impl ChunkedParser {
                     }
                     self.state = ChunkState::Size;
                 }
+                // A bare LF is refused: a peer that ends lines on it would frame differently.
                 ChunkState::TrailerStart => {
-                    self.state = if b == b'\r' {
-                        ChunkState::FinalLf
-                    } else {
-                        ChunkState::TrailerLine
+                    self.state = match b {
+                        b'\r' => ChunkState::FinalLf,
+                        b'\n' => return Err("bare LF in chunked trailer"),
+                        _ => ChunkState::TrailerLine,
                     };
                 }
-                ChunkState::TrailerLine => {
-                    if b == b'\r' {
-                        self.state = ChunkState::TrailerLf;
-                    }
-                }
+                ChunkState::TrailerLine => match b {
+                    b'\r' => self.state = ChunkState::TrailerLf,
+                    b'\n' => return Err("bare LF in chunked trailer"),
+                    _ => {}
+                },
                 ChunkState::TrailerLf => {
                     if b != b'\n' {
                         return Err("expected LF in trailer");
@@ -555,5 +563,14 @@ mod tests {
     fn chunked_parser_rejects_garbage() {
         assert!(ChunkedParser::default().feed(b"zz\r\n", |_| {}).is_err());
         assert!(ChunkedParser::default().feed(b"2\r\nabX", |_| {}).is_err());
+        assert!(ChunkedParser::default()
+            .feed(b"5 junk\r\n", |_| {})
+            .is_err());
+        assert!(ChunkedParser::default().feed(b"0\r\n\nX", |_| {}).is_err());
+        assert!(ChunkedParser::default()
+            .feed(b"0\r\nA: b\nC", |_| {})
+            .is_err());
+        let ok = b"5 ; x=1\r\nhello\r\n0\r\n\r\n";
+        assert!(ChunkedParser::default().feed(ok, |_| {}).is_ok());
     }
 }

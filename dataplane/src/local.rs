@@ -29,7 +29,7 @@ pub async fn handle(
     let method = req.head.method.clone();
     let path = req.head.uri.path().to_owned();
     // The body is read first, so the connection stays in step whatever we answer.
-    let body = match read_small_body(reader, &req).await {
+    let body = match read_small_body(reader, &req, snap.settings.idle_timeout).await {
         Ok(body) => body,
         Err(e) => return reply_error(worker, writer, None, e, false).await,
     };
@@ -42,12 +42,14 @@ pub async fn handle(
     let draining = worker.shared.draining.load(Ordering::Relaxed);
     let (status, content_type, payload): (u16, &str, Vec<u8>) =
         match (method.as_str(), path.as_str()) {
-            ("GET", "/health") if draining => (
+            ("GET" | "HEAD", "/health") if draining => (
                 503,
                 "application/json",
                 br#"{"status":"draining"}"#.to_vec(),
             ),
-            ("GET", "/health") => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
+            ("GET" | "HEAD", "/health") => {
+                (200, "application/json", br#"{"status":"ok"}"#.to_vec())
+            }
             ("GET", "/metrics") => (
                 200,
                 "text/plain; version=0.0.4",
@@ -146,11 +148,14 @@ pub async fn handle(
                 return reply_error(worker, writer, None, e, keep).await;
             }
         };
-    let response = http::simple_response(status, content_type, &payload, &[], keep);
-    let (res, _) = writer.write_all(response).await;
-    Outcome {
-        keep_alive: keep && res.is_ok(),
+    let mut response = http::simple_response(status, content_type, &payload, &[], keep);
+    if method == ::http::Method::HEAD {
+        // Same head as GET (length included), no body: the client reads none.
+        response.truncate(response.len() - payload.len());
     }
+    let written =
+        monoio::time::timeout(snap.settings.idle_timeout, writer.write_all(response)).await;
+    Outcome::keep(keep && matches!(written, Ok((Ok(_), _))))
 }
 
 /// `POST /gateway/models/{name}/load|unload`: ask the control plane, then wait (bounded) for
@@ -296,10 +301,16 @@ fn models_json(snap: &Snapshot) -> Vec<u8> {
     serde_json::to_vec(&models).unwrap_or_default()
 }
 
-/// Read a whole small body, de-chunked.
+/// More bytes from the client within `limit`; false when it went away or stalled.
+async fn fill_within(reader: &mut ClientReader, limit: Duration) -> bool {
+    matches!(monoio::time::timeout(limit, reader.fill()).await, Ok(Ok(n)) if n > 0)
+}
+
+/// Read a whole small body, de-chunked, each read bounded by `limit`.
 async fn read_small_body(
     reader: &mut ClientReader,
     req: &Request,
+    limit: Duration,
 ) -> Result<Vec<u8>, DataplaneError> {
     let too_large = DataplaneError::BodyTooLarge {
         limit: ADMIN_BODY_LIMIT,
@@ -312,12 +323,7 @@ async fn read_small_body(
             if buf.len() >= n as usize {
                 return Ok(buf.split_to(n as usize).to_vec());
             }
-            if reader
-                .fill()
-                .await
-                .map_err(|_| DataplaneError::ClientGone)?
-                == 0
-            {
+            if !fill_within(reader, limit).await {
                 return Err(DataplaneError::ClientGone);
             }
         },
@@ -338,12 +344,7 @@ async fn read_small_body(
                 if fed.done {
                     return Ok(body);
                 }
-                if reader
-                    .fill()
-                    .await
-                    .map_err(|_| DataplaneError::ClientGone)?
-                    == 0
-                {
+                if !fill_within(reader, limit).await {
                     return Err(DataplaneError::ClientGone);
                 }
             }

@@ -22,13 +22,29 @@ use crate::ControlRequest;
 /// How a request ended, for the connection loop.
 pub struct Outcome {
     pub keep_alive: bool,
+    /// Read and discard what the client still sends for a moment before closing, so the
+    /// kernel does not answer it with a reset that destroys the response just written.
+    pub linger: bool,
 }
 
 impl Outcome {
-    fn close() -> Self {
-        Outcome { keep_alive: false }
+    pub fn close() -> Self {
+        Outcome {
+            keep_alive: false,
+            linger: false,
+        }
+    }
+
+    pub fn keep(keep_alive: bool) -> Self {
+        Outcome {
+            keep_alive,
+            linger: false,
+        }
     }
 }
+
+/// A gateway error answer is small; a client that cannot take it in this long is gone.
+const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The request body as the gateway forwards it: a (possibly rewritten) prefix held in memory,
 /// then `remaining` bytes still to stream from the client.
@@ -52,6 +68,25 @@ impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
         self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Write `data` within `limit`: a peer that stops reading must not hold a slot forever.
+async fn write_within<W: AsyncWriteRent, T: monoio::buf::IoBuf + 'static>(
+    io: &mut W,
+    data: T,
+    limit: Duration,
+) -> bool {
+    matches!(
+        monoio::time::timeout(limit, io.write_all(data)).await,
+        Ok((Ok(_), _))
+    )
+}
+
+/// `now + limit`, saturating: a huge configured timeout must not overflow.
+pub fn far_deadline(limit: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(limit)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// Constant-time comparison, so a key cannot be guessed byte by byte from timings.
@@ -138,13 +173,21 @@ pub async fn proxy(
         }
     };
 
-    // Read until the model is known; the rest of the body streams later.
+    // Read until the model is known; the rest of the body streams later. The prefix is
+    // rescanned only when it doubled (or is whole), so a trickled body costs O(n log n).
+    let mut scanned = 0usize;
     let (route_name, body) = loop {
         let Some(buf) = reader.buffer() else {
             return Outcome::close();
         };
         let available = buf.len().min(length as usize);
-        match find_model(&buf[..available]) {
+        let verdict = if available as u64 == length || available >= scanned * 2 {
+            scanned = available;
+            find_model(&buf[..available])
+        } else {
+            Extract::Incomplete
+        };
+        match verdict {
             Extract::Found { model, span } => {
                 let Some(route) = snap.route(&model) else {
                     let e = DataplaneError::ModelNotFound {
@@ -214,7 +257,7 @@ pub async fn proxy(
 
     // A body left unread on the socket means the connection cannot carry another request.
     let keep_after_error = req.keep_alive && body.remaining == 0;
-    let (snap, route) = match wait_until_ready(worker, snap, &route_name, reader).await {
+    let (snap, route) = match wait_until_ready(worker, &route_name, reader).await {
         Ok(found) => found,
         Err((snap, e)) => {
             let route = snap.route(&route_name).cloned();
@@ -280,10 +323,11 @@ pub async fn proxy(
 /// Returns the snapshot in which the model is ready.
 async fn wait_until_ready(
     worker: &Worker,
-    mut snap: LocalSnapshot,
     name: &str,
     reader: &mut ClientReader,
 ) -> Result<(LocalSnapshot, Arc<ModelRoute>), (LocalSnapshot, DataplaneError)> {
+    // The body may have taken a while: decide on the snapshot of now.
+    let mut snap = worker.snapshot();
     let Some(route) = snap.route(name).cloned() else {
         let e = DataplaneError::ModelNotFound {
             model: name.into(),
@@ -294,7 +338,7 @@ async fn wait_until_ready(
     if route.state == ModelState::Ready {
         return Ok((snap, route));
     }
-    let deadline = Instant::now() + route.startup_timeout;
+    let deadline = far_deadline(route.startup_timeout);
     let shared = route.shared.clone();
     let _place = match shared.admission.hold_queue_place(route.max_queue_size) {
         Ok(place) => place,
@@ -311,7 +355,6 @@ async fn wait_until_ready(
     // this attempt's failure; one from before is the previous attempt's.
     let mut asked: Option<u64> = None;
     loop {
-        let cell = shared.state_changed.subscribe();
         snap = worker.snapshot();
         let Some(route) = snap.route(name).cloned() else {
             let e = DataplaneError::ModelNotFound {
@@ -320,6 +363,12 @@ async fn wait_until_ready(
             };
             return Err((snap, e));
         };
+        // Subscribe on the model as it is now (a reload may have replaced it), then make sure
+        // no snapshot was published in between, or a wake-up could be missed.
+        let cell = route.shared.state_changed.subscribe();
+        if worker.snapshot().generation != snap.generation {
+            continue;
+        }
         match route.state {
             ModelState::Ready => return Ok((snap, route)),
             ModelState::Starting => {}
@@ -496,7 +545,12 @@ async fn forward(
                         record(worker, route, 499, started);
                         return Outcome::close();
                     }
-                    backoff = backoff.mul_f64(settings.retry_multiplier);
+                    // Bounded, so a large multiplier cannot overflow (and panic) after retries.
+                    backoff = Duration::try_from_secs_f64(
+                        backoff.as_secs_f64() * settings.retry_multiplier,
+                    )
+                    .unwrap_or(Duration::MAX)
+                    .min(Duration::from_secs(60));
                     continue;
                 }
             },
@@ -575,20 +629,25 @@ async fn attempt(
     let retry = |error: String| Attempt::Retry { stale: true, error };
 
     // Request: head (+ small prefix), then the rest of the body from the client.
-    let (res, _) = conn.write_all(head.clone()).await;
-    if let Err(e) = res {
-        return retry(format!("write to {}: {e}", endpoint.url));
+    if !write_within(&mut conn, head.clone(), settings.idle_timeout).await {
+        return retry(format!("could not write the request to {}", endpoint.url));
     }
-    if head.len() == head_len && !body.prefix.is_empty() {
-        let (res, _) = conn.write_all(body.prefix.clone()).await;
-        if let Err(e) = res {
-            return retry(format!("write to {}: {e}", endpoint.url));
-        }
+    if head.len() == head_len
+        && !body.prefix.is_empty()
+        && !write_within(&mut conn, body.prefix.clone(), settings.idle_timeout).await
+    {
+        return retry(format!("could not write the request to {}", endpoint.url));
     }
     while body.remaining > 0 {
-        if reader.buffer().is_none() && !reader.settle().await {
-            record(worker, route, 499, started);
-            return Attempt::Done(Outcome::close());
+        // A disconnect watch may have left a read running: it completes with more body.
+        if reader.buffer().is_none() {
+            match monoio::time::timeout(settings.idle_timeout, reader.settle()).await {
+                Ok(true) => {}
+                _ => {
+                    record(worker, route, 499, started);
+                    return Attempt::Done(Outcome::close());
+                }
+            }
         }
         let chunk = {
             let Some(buf) = reader.buffer() else {
@@ -604,12 +663,14 @@ async fn attempt(
         match chunk {
             Some(chunk) => {
                 body.remaining -= chunk.len() as u64;
-                let (res, _) = conn.write_all(chunk).await;
-                if let Err(e) = res {
+                if !write_within(&mut conn, chunk, settings.idle_timeout).await {
                     let e = DataplaneError::UpstreamUnavailable {
                         model: model.into(),
                         attempts: 1,
-                        cause: format!("write to {}: {e}", endpoint.url),
+                        cause: format!(
+                            "could not write the request body to {} within idle_ms",
+                            endpoint.url
+                        ),
                     };
                     return Attempt::Done(reply_error(worker, writer, Some(route), e, false).await);
                 }
@@ -626,7 +687,8 @@ async fn attempt(
 
     // Response head, bounded by first_byte_ms, abandoned if the client leaves.
     let mut buf = BytesMut::with_capacity(16 * 1024);
-    let response = loop {
+    let mut saw_interim = false;
+    let response = 'head: loop {
         let read = race(
             monoio::time::timeout(settings.first_byte_timeout, read_more(&mut conn, buf)),
             reader.gone(),
@@ -650,13 +712,15 @@ async fn attempt(
         };
         buf = returned;
         match res {
-            Ok(0) if buf.is_empty() => {
+            Ok(0) if buf.is_empty() && !saw_interim => {
                 return retry(format!(
                     "{} closed the connection before responding",
                     endpoint.url
                 ))
             }
-            Err(e) if buf.is_empty() => return retry(format!("read from {}: {e}", endpoint.url)),
+            Err(e) if buf.is_empty() && !saw_interim => {
+                return retry(format!("read from {}: {e}", endpoint.url))
+            }
             Ok(0) | Err(_) => {
                 let e = DataplaneError::BadUpstreamResponse {
                     model: model.into(),
@@ -666,16 +730,19 @@ async fn attempt(
             }
             Ok(_) => {}
         }
-        match http::parse_response(&mut buf, &req.head.method) {
-            Ok(Some(resp)) if resp.head.status.as_u16() < 200 => continue,
-            Ok(Some(resp)) => break resp,
-            Ok(None) => continue,
-            Err(cause) => {
-                let e = DataplaneError::BadUpstreamResponse {
-                    model: model.into(),
-                    cause,
-                };
-                return Attempt::Done(reply_error(worker, writer, Some(route), e, false).await);
+        // Interim (1xx) heads are dropped; the final head may already be buffered behind one.
+        loop {
+            match http::parse_response(&mut buf, &req.head.method) {
+                Ok(Some(resp)) if resp.head.status.as_u16() < 200 => saw_interim = true,
+                Ok(Some(resp)) => break 'head resp,
+                Ok(None) => break,
+                Err(cause) => {
+                    let e = DataplaneError::BadUpstreamResponse {
+                        model: model.into(),
+                        cause,
+                    };
+                    return Attempt::Done(reply_error(worker, writer, Some(route), e, false).await);
+                }
             }
         }
     };
@@ -696,8 +763,7 @@ async fn attempt(
     };
     out.extend_from_slice(&buf[..body_len]);
     let trailing_garbage = body_len < buf.len();
-    let (res, _) = writer.write_all(out).await;
-    if res.is_err() {
+    if !write_within(writer, out, settings.idle_timeout).await {
         record(worker, route, 499, started);
         return Attempt::Done(Outcome::close());
     }
@@ -742,16 +808,13 @@ async fn attempt(
         finished = done;
         if n < buf.len() {
             buf.truncate(n);
-            let (res, _) = writer.write_all(buf).await;
-            if res.is_err() {
+            if !write_within(writer, buf, settings.idle_timeout).await {
                 record(worker, route, 499, started);
                 return Attempt::Done(Outcome::close());
             }
             drop(conn);
             record(worker, route, status, started);
-            return Attempt::Done(Outcome {
-                keep_alive: keep_client,
-            });
+            return Attempt::Done(Outcome::keep(keep_client));
         }
         // Backpressure: the next upstream read waits for this write, bounded by idle_ms.
         match monoio::time::timeout(settings.idle_timeout, writer.write_all(buf)).await {
@@ -769,9 +832,7 @@ async fn attempt(
         worker.pool.put(endpoint.addr, conn);
     }
     record(worker, route, status, started);
-    Attempt::Done(Outcome {
-        keep_alive: keep_client,
-    })
+    Attempt::Done(Outcome::keep(keep_client))
 }
 
 /// Where the relayed response body ends.
@@ -856,12 +917,15 @@ pub async fn reply_error(
         &extra,
         keep_alive,
     );
-    let (res, _) = writer.write_all(response).await;
-    if res.is_err() {
+    if !write_within(writer, response, ERROR_WRITE_TIMEOUT).await {
         return Outcome::close();
     }
     if !keep_alive {
         let _ = writer.shutdown().await;
     }
-    Outcome { keep_alive }
+    Outcome {
+        keep_alive,
+        // Unread request bytes would make the close a reset that destroys this answer.
+        linger: !keep_alive,
+    }
 }

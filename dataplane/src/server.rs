@@ -273,7 +273,12 @@ async fn serve_connection(worker: Rc<Worker>, stream: TcpStream) {
             Ok(Some(req)) => req,
             Ok(None) => return,
             Err(e) => {
-                reply_error(&worker, &mut writer, None, e, false).await;
+                if reply_error(&worker, &mut writer, None, e, false)
+                    .await
+                    .linger
+                {
+                    linger(&mut reader).await;
+                }
                 return;
             }
         };
@@ -284,6 +289,9 @@ async fn serve_connection(worker: Rc<Worker>, stream: TcpStream) {
         } else {
             crate::local::handle(&worker, &snap, req, &mut reader, &mut writer).await
         };
+        if outcome.linger {
+            linger(&mut reader).await;
+        }
         // While draining, a connection ends with its current response.
         if !outcome.keep_alive
             || worker
@@ -292,6 +300,27 @@ async fn serve_connection(worker: Rc<Worker>, stream: TcpStream) {
                 .load(std::sync::atomic::Ordering::Relaxed)
         {
             return;
+        }
+    }
+}
+
+/// After answering an error on a connection we close, read and drop what the client still
+/// sends (bounded in time and bytes): closing with unread bytes makes the kernel send a reset,
+/// which can destroy the answer before the client reads it.
+async fn linger(reader: &mut ClientReader) {
+    const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+    const LINGER_BYTES: usize = 8 * 1024 * 1024;
+    let deadline = Instant::now() + LINGER;
+    let mut discarded = 0usize;
+    while discarded < LINGER_BYTES {
+        if let Some(buf) = reader.buffer() {
+            discarded += buf.len();
+            buf.clear();
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(left, reader.fill()).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
         }
     }
 }
