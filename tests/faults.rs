@@ -769,3 +769,60 @@ fn client_keep_alive_survives_proxied_request() {
     assert_eq!(r2.status, 200, "{}", r2.text());
     assert_eq!(metric(sim.addr, "sim_requests_total"), 2.0);
 }
+
+#[test]
+fn final_response_buffered_behind_an_interim_one_is_relayed() {
+    let upstream = fake_upstream(|stream| {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        if read_request(&mut reader).is_some() {
+            let mut w = stream;
+            // Interim and final heads in one write: the final one is already buffered.
+            let _ = w.write_all(
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+            );
+            std::thread::sleep(Duration::from_secs(3));
+        }
+    });
+    let gw = gateway(&format!(
+        "{GATEWAY_HEAD}{}",
+        static_model("m", "m", upstream, "")
+    ));
+    let started = Instant::now();
+    let resp = post_json(gw.addr, "/v1/chat/completions", &chat("m", 1, false));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.body, b"{}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn an_error_answered_before_the_body_is_read_reaches_the_client() {
+    let sim = sim("m", 0, 1000);
+    let gw = gateway(&format!(
+        "{GATEWAY_HEAD}{}",
+        static_model("m", "m", sim.addr, "")
+    ));
+    // `model` comes first, so the gateway answers 404 after the first bytes, while the rest
+    // of the 2 MB body is still on its way.
+    let filler = "x".repeat(2 * 1024 * 1024);
+    let body = format!(r#"{{"model":"nope","messages":[{{"role":"user","content":"{filler}"}}]}}"#);
+    let mut stream = std::net::TcpStream::connect(gw.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body.as_bytes()[..1024]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // The client carries on sending; the gateway must not reset the connection on it.
+    let _ = stream.write_all(&body.as_bytes()[1024..]);
+    let resp = read_response(&mut BufReader::new(stream)).expect("the 404 was lost to a reset");
+    assert_eq!(resp.status, 404);
+    assert_eq!(resp.error_code(), "model_not_found");
+}
