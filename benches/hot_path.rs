@@ -63,6 +63,7 @@ fn route(name: &str) -> Arc<ModelRoute> {
         state: ModelState::Ready,
         vram_blocked: false,
         last_error: None,
+        start_seq: 0,
         runtime: "static",
         vram_mib: 0,
         pinned: false,

@@ -99,6 +99,8 @@ struct ModelEntry {
     ready_since: Option<Instant>,
     /// Why the last start or run failed, shown to clients and in /gateway/models.
     last_error: Option<Arc<str>>,
+    /// Starts sent to the owner.
+    starts_sent: u64,
 }
 
 impl ModelEntry {
@@ -113,7 +115,6 @@ impl ModelEntry {
                 self.state,
                 ModelState::Starting | ModelState::Ready | ModelState::Stopping
             )
-            && self.pending.is_none()
     }
 
     fn busy(&self) -> bool {
@@ -138,6 +139,7 @@ impl ModelEntry {
             vram_blocked: false,
             ready_since: None,
             last_error: None,
+            starts_sent: 0,
         }
     }
 }
@@ -276,6 +278,7 @@ impl ControlPlane {
                     state,
                     vram_blocked: m.vram_blocked,
                     last_error: m.last_error.clone(),
+                    start_seq: m.starts_sent,
                     runtime: spec.runtime_name(),
                     vram_mib: if m.is_static() { 0 } else { spec.vram_mib },
                     pinned: spec.pinned,
@@ -437,13 +440,18 @@ impl ControlPlane {
                 _ = interrupt.recv() => break,
             }
         }
-        self.drain(&shared, stop_accepting).await;
+        self.drain(&shared, stop_accepting, &mut event_rx).await;
         self.shutdown().await;
         0
     }
 
     /// Graceful shutdown: refuse new work, let in-flight requests finish within the grace.
-    async fn drain(&mut self, shared: &Shared, stop_accepting: Box<dyn FnOnce() + Send>) {
+    async fn drain(
+        &mut self,
+        shared: &Shared,
+        stop_accepting: Box<dyn FnOnce() + Send>,
+        events: &mut mpsc::UnboundedReceiver<StateEvent>,
+    ) {
         let grace = self.config.gateway.shutdown_grace;
         info!(self.log, "draining"; "grace_s" => grace.as_secs());
         shared.draining.store(true, Ordering::Relaxed);
@@ -464,7 +472,15 @@ impl ControlPlane {
                 warn!(self.log, "shutdown grace expired with requests in flight"; "requests" => busy);
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Keep applying lifecycle events: a request waiting for a model that turns ready
+            // during the drain is served, not cut off at the end of the grace.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                Some(event) = events.recv() => {
+                    self.apply(event);
+                    self.publish(shared);
+                }
+            }
         }
     }
 
@@ -583,6 +599,7 @@ impl ControlPlane {
             if !entry.retiring && !new.models.iter().any(|m| m.name == entry.spec.name) {
                 entry.retiring = true;
                 entry.pending = None;
+                entry.replacement = None;
                 diff.removed.push(entry.spec.name.clone());
             }
         }
@@ -595,8 +612,13 @@ impl ControlPlane {
             {
                 Some(i) => {
                     let entry = &mut self.models[i];
+                    // A replacement still waiting from an earlier reload is what this one
+                    // changes, or undoes.
+                    let pending_replacement = entry.replacement.take();
                     if entry.spec == *spec {
                         // Unchanged: keeps running and keeps its counters.
+                    } else if pending_replacement.as_ref() == Some(spec) {
+                        entry.replacement = pending_replacement;
                     } else if entry.is_static()
                         || matches!(spec.runtime, RuntimeSpec::Static { .. })
                     {
@@ -721,6 +743,11 @@ impl ControlPlane {
         }
         entry.state = event.state;
         entry.endpoints = event.endpoint.into_iter().collect();
+        if matches!(event.state, ModelState::Starting | ModelState::Ready) {
+            // It runs (an adopted container, say): whatever start was pending is moot.
+            entry.pending = None;
+            entry.vram_blocked = false;
+        }
         entry.ready_since = (event.state == ModelState::Ready).then(Instant::now);
         if event.state == ModelState::Failed {
             entry.last_error = event.error.map(Arc::from);
@@ -856,6 +883,7 @@ impl ControlPlane {
                 entry.pending = None;
                 entry.vram_blocked = false;
                 entry.state = ModelState::Starting;
+                entry.starts_sent += 1;
                 entry.shared.metrics.starts.fetch_add(1, Ordering::Relaxed);
                 if let Some(owner) = &entry.owner {
                     let _ = owner.send(Command::Start);
@@ -968,8 +996,13 @@ impl ControlPlane {
                 }
             }
         }
-        for wait in waits {
-            let _ = tokio::time::timeout(Duration::from_secs(15), wait).await;
+        // All owners stop in parallel, under one deadline (a stop's own grace is 10 s).
+        let all = futures_util::future::join_all(waits);
+        if tokio::time::timeout(Duration::from_secs(15), all)
+            .await
+            .is_err()
+        {
+            warn!(self.log, "some model servers did not stop within 15 s");
         }
     }
 }

@@ -35,10 +35,26 @@ enum Server {
     Docker {
         runtime: Arc<DockerRuntime>,
         container: Container,
+        /// One watcher per container for its whole life: re-creating the engine's wait
+        /// request on every select iteration would let a fast health probe always win.
+        exit: tokio::task::JoinHandle<String>,
     },
 }
 
 impl Server {
+    fn docker(runtime: Arc<DockerRuntime>, container: Container) -> Server {
+        let exit = tokio::spawn({
+            let runtime = runtime.clone();
+            let id = container.id.clone();
+            async move { runtime.wait_exit(&id).await }
+        });
+        Server::Docker {
+            runtime,
+            container,
+            exit,
+        }
+    }
+
     fn addr(&self) -> SocketAddr {
         match self {
             Server::Process(p) => p.addr,
@@ -49,21 +65,32 @@ impl Server {
     async fn exited(&mut self) -> String {
         match self {
             Server::Process(p) => p.exited().await,
-            Server::Docker { runtime, container } => runtime.wait_exit(&container.id).await,
+            Server::Docker { exit, .. } => exit
+                .await
+                .unwrap_or_else(|e| format!("the exit watcher failed: {e}")),
         }
     }
 
     async fn tail(&self) -> String {
         match self {
             Server::Process(p) => p.tail().await,
-            Server::Docker { runtime, container } => runtime.logs_tail(&container.id, 20).await,
+            Server::Docker {
+                runtime, container, ..
+            } => runtime.logs_tail(&container.id, 20).await,
         }
     }
 
     async fn stop(self, log: &Logger) {
         match self {
             Server::Process(p) => p.stop(log).await,
-            Server::Docker { runtime, container } => runtime.stop(&container.id).await,
+            Server::Docker {
+                runtime,
+                container,
+                exit,
+            } => {
+                exit.abort();
+                runtime.stop(&container.id).await
+            }
         }
     }
 
@@ -72,7 +99,10 @@ impl Server {
     async fn detach(self, log: &Logger) {
         match self {
             Server::Process(p) => p.stop(log).await,
-            Server::Docker { container, .. } => {
+            Server::Docker {
+                container, exit, ..
+            } => {
+                exit.abort();
                 info!(log, "leaving container running"; "id" => &container.id)
             }
         }
@@ -155,7 +185,7 @@ impl Owner {
             }
         }
         let mut health_failures = 0u32;
-        loop {
+        'owner: loop {
             let command = match running.as_mut() {
                 None => commands.recv().await,
                 Some(server) => tokio::select! {
@@ -188,7 +218,10 @@ impl Owner {
             };
             match command {
                 Some(Command::Start) => {
-                    if running.is_some() {
+                    if let Some(server) = &running {
+                        // Already running (adopted, say): say so, so the control plane's view
+                        // cannot stay at `starting`.
+                        self.report(ModelState::Ready, Some(server.addr()));
                         continue;
                     }
                     self.report(ModelState::Starting, None);
@@ -197,7 +230,24 @@ impl Owner {
                         let wait = backoff(self.failures).saturating_sub(at.elapsed());
                         if !wait.is_zero() {
                             info!(self.log, "waiting before restart"; "ms" => wait.as_millis() as u64);
-                            tokio::time::sleep(wait).await;
+                            let until = tokio::time::Instant::now() + wait;
+                            loop {
+                                tokio::select! {
+                                    _ = tokio::time::sleep_until(until) => break,
+                                    command = commands.recv() => match command {
+                                        Some(Command::Start) => {}
+                                        Some(Command::Stop) => {
+                                            self.report(ModelState::Stopped, None);
+                                            continue 'owner;
+                                        }
+                                        Some(Command::Shutdown(done)) => {
+                                            let _ = done.send(());
+                                            return;
+                                        }
+                                        Some(Command::Retire) | None => return,
+                                    },
+                                }
+                            }
                         }
                     }
                     let started = match self.launch().await {
@@ -291,7 +341,7 @@ impl Owner {
         match runtime.adopt(&self.spec).await {
             Ok(Some(container)) => {
                 info!(self.log, "adopting running container"; "id" => &container.id, "addr" => %container.addr);
-                Some(Server::Docker { runtime, container })
+                Some(Server::docker(runtime, container))
             }
             Ok(None) => None,
             Err(e) => {
@@ -317,7 +367,7 @@ impl Owner {
                     });
                 };
                 let container = runtime.launch(&self.spec).await?;
-                Ok(Server::Docker { runtime, container })
+                Ok(Server::docker(runtime, container))
             }
             RuntimeSpec::Static { .. } => Err(ControlError::Spawn {
                 model: self.spec.name.clone(),

@@ -21,6 +21,8 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 
 pub struct ProcessServer {
     child: Child,
+    /// The process group (the child's pid), kept because `Child::id` is gone once reaped.
+    group: i32,
     pub addr: SocketAddr,
     tail: Arc<Mutex<VecDeque<String>>>,
 }
@@ -38,11 +40,12 @@ impl ProcessServer {
 
     /// Resolves when the child exits.
     pub async fn exited(&mut self) -> String {
-        // Cancel-safe: nothing after the wait, so a select that drops this loses nothing.
-        self.child
-            .wait()
-            .await
-            .map_or_else(|e| e.to_string(), |s| s.to_string())
+        // Cancel-safe: the wait is the only await, so a select that drops this loses nothing.
+        let status = self.child.wait().await;
+        // The leader is gone; helpers it started in its group (vLLM's engine workers) must
+        // not keep the GPU.
+        kill_group(self.group, libc::SIGKILL);
+        status.map_or_else(|e| e.to_string(), |s| s.to_string())
     }
 
     /// SIGTERM to the process group, SIGKILL after the grace period, then reap.
@@ -56,6 +59,8 @@ impl ProcessServer {
                 .await
                 .is_ok()
             {
+                // Whatever else is left in the group goes too.
+                kill_group(self.group, libc::SIGKILL);
                 info!(log, "model server stopped"; "pid" => pid);
                 return;
             }
@@ -118,8 +123,10 @@ pub fn launch(spec: &ModelSpec, log: &Logger) -> Result<ProcessServer, ControlEr
             tail.clone(),
         ));
     }
+    let group = child.id().map_or(0, |pid| pid as i32);
     Ok(ProcessServer {
         child,
+        group,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         tail,
     })
@@ -127,6 +134,16 @@ pub fn launch(spec: &ModelSpec, log: &Logger) -> Result<ProcessServer, ControlEr
 
 /// This binary. `/proc/self/exe` still reaches it after the file was replaced on disk (an
 /// upgrade or a rebuild while running), where the path would name a deleted file.
+/// Signal a process group we created; a group that is already gone only yields ESRCH.
+fn kill_group(group: i32, signal: i32) {
+    if group > 0 {
+        // SAFETY: plain kill(2) on a negative pid, i.e. the group we made with process_group(0).
+        unsafe {
+            libc::kill(-group, signal);
+        }
+    }
+}
+
 fn gateway_exe() -> String {
     if std::path::Path::new("/proc/self/exe").exists() {
         return "/proc/self/exe".into();
@@ -147,8 +164,17 @@ async fn pipe_lines(
     log: Logger,
     tail: Arc<Mutex<VecDeque<String>>>,
 ) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    // Bytes, not `lines()`: a non-UTF-8 line must not end the reading, or the child would
+    // die of SIGPIPE on its next write.
+    let mut reader = BufReader::new(stream);
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        match reader.read_until(b'\n', &mut raw).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&raw).trim_end().to_string();
         info!(log, "{}", line);
         if let Ok(mut tail) = tail.lock() {
             if tail.len() == TAIL_LINES {

@@ -209,6 +209,7 @@ async fn load_or_unload(
     let shared = route.shared.clone();
     let name = route.name.clone();
     let asked_at = snap.generation;
+    let starts_before = route.start_seq;
     worker
         .shared
         .control
@@ -221,8 +222,13 @@ async fn load_or_unload(
     loop {
         let cell = shared.state_changed.subscribe();
         let now = worker.snapshot();
-        let state = now.route(&name).map_or(ModelState::Stopped, |r| r.state);
-        let finished = now.generation > asked_at && done(state);
+        let current = now.route(&name);
+        let state = current.map_or(ModelState::Stopped, |r| r.state);
+        // A failure only counts once a start was issued after this request.
+        let stale_failure = state == ModelState::Failed
+            && action == "load"
+            && current.is_some_and(|r| r.start_seq <= starts_before);
+        let finished = now.generation > asked_at && done(state) && !stale_failure;
         let left = deadline.saturating_duration_since(Instant::now());
         if finished && state == ModelState::Failed {
             return Err(DataplaneError::ModelUnavailable {

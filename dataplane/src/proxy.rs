@@ -351,7 +351,7 @@ async fn wait_until_ready(
             return Err((snap, e));
         }
     };
-    // The snapshot generation when we asked for a start: a `failed` published after it is
+    // The model's start count when we asked for a start: a `failed` after a later start is
     // this attempt's failure; one from before is the previous attempt's.
     let mut asked: Option<u64> = None;
     loop {
@@ -373,7 +373,7 @@ async fn wait_until_ready(
             ModelState::Ready => return Ok((snap, route)),
             ModelState::Starting => {}
             ModelState::Stopped | ModelState::Failed | ModelState::Stopping if asked.is_none() => {
-                asked = Some(snap.generation);
+                asked = Some(route.start_seq);
                 let request = ControlRequest::Start {
                     model: route.name.clone(),
                 };
@@ -385,7 +385,7 @@ async fn wait_until_ready(
                     return Err((snap, e));
                 }
             }
-            ModelState::Failed if asked.is_some_and(|at| snap.generation > at) => {
+            ModelState::Failed if asked.is_some_and(|at| route.start_seq > at) => {
                 let e = DataplaneError::ModelUnavailable {
                     model: name.into(),
                     reason: route.last_error.as_deref().map_or_else(

@@ -136,6 +136,9 @@ pub struct ModelRoute {
     pub vram_blocked: bool,
     /// Why the model's last start or run failed.
     pub last_error: Option<Arc<str>>,
+    /// How many starts the control plane has issued: a `failed` state belongs to a request's
+    /// own start only if this moved past the value it saw when it asked.
+    pub start_seq: u64,
     pub runtime: &'static str,
     pub vram_mib: u64,
     pub pinned: bool,
