@@ -493,3 +493,44 @@ fn a_missing_engine_gives_a_prompt_503_that_names_docker() {
         "the gateway's log does not mention Docker:\n{stderr}"
     );
 }
+
+#[test]
+fn a_container_that_dies_while_starting_fails_its_waiters_at_once() {
+    let Some(docker) = docker_or_skip() else {
+        return;
+    };
+    let model = "dkg-dies";
+    let image = sim_image();
+    let _cleanup = Cleanup::new(&docker, model);
+    // The simulator answers /health with 503 for 30 s: the model stays `starting`.
+    let spec = docker_model(model, &image, 0, "").replace(
+        r#""--ttft-ms", "0"]"#,
+        r#""--ttft-ms", "0", "--startup-ms", "30000"]"#,
+    );
+    let gw = gateway_with_env(&config(&spec), NO_GPUS);
+    let addr = gw.addr;
+    let waiter = std::thread::spawn(move || ask(addr, "dkg-dies"));
+    assert!(
+        eventually(Duration::from_secs(30), || !containers(&docker, model)
+            .is_empty()
+            && state(gw.addr, model) == "starting"),
+        "the container never started; gateway stderr:\n{}",
+        gw.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    kill(&docker, &only_container(&docker, model));
+    let resp = waiter.join().unwrap();
+    let answered = killed.elapsed();
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert_eq!(resp.error_code(), "model_unavailable");
+    // Not the 60 s startup timeout: the exit is seen while health is still failing.
+    assert!(
+        answered < Duration::from_secs(5),
+        "answered {answered:?} after the kill"
+    );
+    eprintln!(
+        "{model}: waiter answered {} ms after the kill",
+        answered.as_millis()
+    );
+}
