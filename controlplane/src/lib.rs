@@ -101,6 +101,11 @@ struct ModelEntry {
     last_error: Option<Arc<str>>,
     /// Starts sent to the owner.
     starts_sent: u64,
+    /// Set once the owner was told to retire: fires when its server has stopped. Until then
+    /// the entry stays (as `stopping`), so its VRAM stays in the ledger.
+    retired: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// A replaced model was running: start its replacement at once.
+    restart_after: bool,
 }
 
 impl ModelEntry {
@@ -140,6 +145,8 @@ impl ModelEntry {
             ready_since: None,
             last_error: None,
             starts_sent: 0,
+            retired: None,
+            restart_after: false,
         }
     }
 }
@@ -684,40 +691,69 @@ impl ControlPlane {
     }
 
     /// Retire removed models and replace changed ones once nothing of theirs is in flight.
+    /// The old server is stopped first; the entry leaves (or its replacement starts) only once
+    /// the owner confirms, so the VRAM it held is never counted free too early.
     /// Returns whether anything changed.
     async fn retire_idle(&mut self) -> bool {
         let mut changed = false;
         let mut i = 0;
         while i < self.models.len() {
             let entry = &mut self.models[i];
-            let idle = entry.shared.admission.in_flight() == 0;
-            if entry.retiring && idle && entry.shared.admission.queued() == 0 {
-                if let Some(owner) = entry.owner.take() {
-                    let _ = owner.send(Command::Retire);
-                }
-                info!(self.log, "removed model retired"; "model" => &entry.spec.name);
-                self.models.remove(i);
-                changed = true;
+            let leaving = entry.retiring || entry.replacement.is_some();
+            if !leaving {
+                i += 1;
                 continue;
             }
-            if entry.replacement.is_some() && idle {
-                let was_running = matches!(entry.state, ModelState::Ready | ModelState::Starting);
+            let idle = entry.shared.admission.in_flight() == 0
+                && (entry.replacement.is_some() || entry.shared.admission.queued() == 0);
+            if entry.retired.is_none() {
+                if !idle {
+                    i += 1;
+                    continue;
+                }
+                entry.restart_after =
+                    matches!(entry.state, ModelState::Ready | ModelState::Starting);
+                // Static models have no server to stop: they leave at once.
                 if let Some(owner) = entry.owner.take() {
-                    let _ = owner.send(Command::Retire);
+                    let (done, stopped) = tokio::sync::oneshot::channel();
+                    if owner.send(Command::Retire(done)).is_ok() {
+                        entry.retired = Some(stopped);
+                        if entry.holds_vram() {
+                            entry.state = ModelState::Stopping;
+                        }
+                        changed = true;
+                        i += 1;
+                        continue;
+                    }
                 }
-                if let Some(spec) = entry.replacement.take() {
-                    let shared = entry.shared.clone();
-                    *entry = ModelEntry::new(spec, shared);
+            } else if let Some(stopped) = entry.retired.as_mut() {
+                if matches!(
+                    stopped.try_recv(),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+                ) {
+                    i += 1;
+                    continue;
                 }
-                info!(self.log, "restarting model with its new spec"; "model" => &self.models[i].spec.name);
-                self.spawn_owner(i).await;
-                let spec = &self.models[i].spec;
-                if was_running || spec.pinned || spec.preload {
-                    self.want_start(i, Want::Sticky);
-                } else if self.models[i].busy() {
-                    self.want_start(i, Want::Requested);
-                }
-                changed = true;
+            }
+            // The old server is gone.
+            changed = true;
+            if entry.retiring {
+                info!(self.log, "removed model retired"; "model" => &entry.spec.name);
+                self.models.remove(i);
+                continue;
+            }
+            let restart = entry.restart_after;
+            if let Some(spec) = entry.replacement.take() {
+                let shared = entry.shared.clone();
+                *entry = ModelEntry::new(spec, shared);
+            }
+            info!(self.log, "restarting model with its new spec"; "model" => &self.models[i].spec.name);
+            self.spawn_owner(i).await;
+            let spec = &self.models[i].spec;
+            if restart || spec.pinned || spec.preload {
+                self.want_start(i, Want::Sticky);
+            } else if self.models[i].busy() {
+                self.want_start(i, Want::Requested);
             }
             i += 1;
         }

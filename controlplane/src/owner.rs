@@ -21,8 +21,9 @@ pub enum Command {
     Stop,
     /// The gateway is exiting: stop processes, leave containers for the next gateway.
     Shutdown(oneshot::Sender<()>),
-    /// The model left the config or its runtime changed: stop the server for good and exit.
-    Retire,
+    /// The model left the config or its runtime changed: stop the server for good, answer
+    /// `done` once it is stopped (its VRAM is free), and exit.
+    Retire(oneshot::Sender<()>),
 }
 
 /// How often a ready server's health is checked, and how many failures in a row fail it.
@@ -244,7 +245,11 @@ impl Owner {
                                             let _ = done.send(());
                                             return;
                                         }
-                                        Some(Command::Retire) | None => return,
+                                        Some(Command::Retire(done)) => {
+                                            let _ = done.send(());
+                                            return;
+                                        }
+                                        None => return,
                                     },
                                 }
                             }
@@ -276,10 +281,11 @@ impl Owner {
                     let _ = done.send(());
                     return;
                 }
-                Some(Command::Retire) => {
+                Some(Command::Retire(done)) => {
                     if let Some(server) = running.take() {
                         server.stop(&self.log).await;
                     }
+                    let _ = done.send(());
                     return;
                 }
                 None => {
@@ -408,9 +414,9 @@ impl Owner {
                         server.detach(&self.log).await;
                         return Ok(Started::Exit(Some(done)));
                     }
-                    Some(Command::Retire) => {
+                    Some(Command::Retire(done)) => {
                         server.stop(&self.log).await;
-                        return Ok(Started::Exit(None));
+                        return Ok(Started::Exit(Some(done)));
                     }
                     None => {
                         server.detach(&self.log).await;
