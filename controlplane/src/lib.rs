@@ -395,8 +395,10 @@ impl ControlPlane {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // File events come in bursts (one save is several events): reload once they settle.
-        // One check right away catches an edit made before the watcher was in place.
-        let mut reload_due: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+        let mut reload_due: Option<tokio::time::Instant> = None;
+        // An edit made between the first read and the watcher's start is caught here, before
+        // the gateway announces itself; anything later comes through the watcher.
+        self.reload(&shared, "file", false).await;
         let _ = ready.send(());
 
         loop {
