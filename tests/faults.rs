@@ -406,12 +406,17 @@ fn connect_retry_then_success() {
     let addr = dead_addr();
     let gw = gateway(&config(
         "",
-        "[retry]\nattempts = 5\nbackoff_ms = 100\n",
+        "[retry]\nattempts = 8\nbackoff_ms = 100\n",
         &static_model("m", SIM_MODEL, addr, ""),
     ));
-    // The upstream appears ~150 ms after the request is sent, so the first attempts fail.
+    // The upstream appears only once the gateway has counted a failed connect, so the first
+    // attempt fails however slow the machine is.
+    let gw_addr = gw.addr;
     let server = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(150));
+        assert!(
+            eventually(Duration::from_secs(10), || retries(gw_addr) >= 1.0),
+            "no connect retry was counted"
+        );
         let listener = TcpListener::bind(addr).expect("rebind the dead address");
         let (stream, _) = listener.accept().expect("accept");
         let mut reader = BufReader::new(stream);
