@@ -43,18 +43,6 @@ fn config(models: &str) -> String {
     format!("{GATEWAY_HEAD}{models}")
 }
 
-/// The model's object in `GET /gateway/models`.
-fn model_entry(gw: SocketAddr, name: &str) -> serde_json::Value {
-    let models = get(gw, "/gateway/models").json();
-    models
-        .as_array()
-        .expect("/gateway/models is an array")
-        .iter()
-        .find(|m| m["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in /gateway/models: {models}"))
-        .clone()
-}
-
 fn state(gw: SocketAddr, name: &str) -> String {
     model_entry(gw, name)["state"]
         .as_str()

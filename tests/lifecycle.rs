@@ -6,7 +6,6 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -90,33 +89,6 @@ fn vram_used(gw: SocketAddr) -> f64 {
 
 fn port_closed(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err()
-}
-
-/// Send a streaming chat request and read up to the first SSE `data:` line; the caller reads
-/// the rest or drops the connection.
-fn open_stream(gw: SocketAddr, body: &serde_json::Value) -> BufReader<TcpStream> {
-    let mut stream = TcpStream::connect(gw).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stream
-        .write_all(&raw_request(
-            "POST",
-            "/v1/chat/completions",
-            &[],
-            body.to_string().as_bytes(),
-        ))
-        .unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = reader.read_line(&mut line).expect("read stream");
-        assert!(n > 0, "stream closed before any data");
-        if line.starts_with("data: ") {
-            return reader;
-        }
-    }
 }
 
 fn admin(gw: SocketAddr, path: &str, token: Option<&str>) -> Response {

@@ -213,33 +213,12 @@ fn stream_in_background(
     })
 }
 
-/// Send a streaming request and read until its first token; the caller reads the rest.
-fn open_stream(gw: SocketAddr, model: &str, max_tokens: u64) -> BufReader<TcpStream> {
-    let mut stream = TcpStream::connect(gw).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stream
-        .write_all(&raw_request(
-            "POST",
-            CHAT,
-            &[],
-            chat(model, max_tokens, true).to_string().as_bytes(),
-        ))
-        .unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = reader.read_line(&mut line).expect("read stream");
-        assert!(n > 0, "stream closed before any data");
-        if line.starts_with("data: ") {
-            return reader;
-        }
-    }
+/// A streaming chat for `model`, read up to its first token.
+fn open_stream_for(gw: SocketAddr, model: &str, max_tokens: u64) -> BufReader<TcpStream> {
+    open_stream(gw, &chat(model, max_tokens, true))
 }
 
-/// Read the rest of a stream opened by `open_stream`: the `data:` payloads after the first
+/// Read the rest of a stream opened by `open_stream_for`: the `data:` payloads after the first
 /// one. Stops at `[DONE]`, EOF or an error (a cut stream).
 fn read_rest(reader: &mut BufReader<TcpStream>) -> Vec<String> {
     let mut events = Vec::new();
@@ -1063,7 +1042,7 @@ fn sigterm_drains_the_stream_in_flight_then_exits() {
         assert_eq!(r.status, 200);
     }
 
-    let mut stream = open_stream(gw.addr, "m", 20);
+    let mut stream = open_stream_for(gw.addr, "m", 20);
     std::thread::sleep(Duration::from_millis(300));
     gw.signal(libc::SIGTERM);
     let signalled = Instant::now();
@@ -1091,7 +1070,7 @@ fn sigterm_drains_the_stream_in_flight_then_exits() {
 
     // Midway through the stream the gateway still runs: it waits for the stream.
     let mut line = String::new();
-    let mut tokens = 1; // open_stream read the first one
+    let mut tokens = 1; // open_stream_for read the first one
     while tokens < 10 {
         line.clear();
         assert!(stream.read_line(&mut line).unwrap_or(0) > 0, "stream cut");
@@ -1148,7 +1127,7 @@ fn sigterm_grace_cuts_a_long_stream() {
         ),
     );
     let mut gw = spawn_gateway(&path);
-    let mut stream = open_stream(gw.addr, "m", 100);
+    let mut stream = open_stream_for(gw.addr, "m", 100);
     std::thread::sleep(Duration::from_millis(300));
     gw.signal(libc::SIGTERM);
     let signalled = Instant::now();

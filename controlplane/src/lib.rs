@@ -19,7 +19,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes_free::to_bytes;
 use dataplane::snapshot::json_string;
 use dataplane::{
     ControlRequest, Endpoint, ModelRoute, ModelShared, ModelState, Settings, Shared, Snapshot,
@@ -211,13 +210,6 @@ fn settings(config: &Config) -> Settings {
     }
 }
 
-mod bytes_free {
-    /// serde_json bytes for a snapshot field.
-    pub fn to_bytes(value: &serde_json::Value) -> Vec<u8> {
-        serde_json::to_vec(value).unwrap_or_default()
-    }
-}
-
 /// How often the control plane re-checks pending starts and idle unloads.
 const TICK: Duration = Duration::from_millis(100);
 /// How long file events must settle before a reload.
@@ -298,7 +290,9 @@ impl ControlPlane {
             generation: self.generation,
             models,
             settings,
-            config_json: to_bytes(&self.config.redacted_json()).into(),
+            config_json: serde_json::to_vec(&self.config.redacted_json())
+                .unwrap_or_default()
+                .into(),
             ..Default::default()
         }
         .index()

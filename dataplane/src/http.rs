@@ -481,11 +481,6 @@ impl ChunkedParser {
     }
 }
 
-/// Frame `data` as one chunk.
-pub fn chunk_header(len: usize) -> Vec<u8> {
-    format!("{len:x}\r\n").into_bytes()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -205,10 +205,6 @@ impl Pool {
             });
         }
     }
-
-    pub fn idle_count(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
-    }
 }
 
 /// A cheap check for a connection the server already closed: a non-blocking peek.

@@ -172,12 +172,7 @@ async fn load_or_unload(
             method: "POST".into(),
             path: path.into(),
         })?;
-    let route = snap
-        .route(name)
-        .ok_or_else(|| DataplaneError::ModelNotFound {
-            model: name.into(),
-            known: snap.known_models.to_string(),
-        })?;
+    let route = snap.route(name).ok_or_else(|| snap.unknown_model(name))?;
     if route.runtime == "static" {
         return Err(DataplaneError::BadRequest(format!(
             "model '{}' is static: someone else runs its servers, so it cannot be loaded or unloaded",

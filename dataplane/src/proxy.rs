@@ -190,10 +190,7 @@ pub async fn proxy(
         match verdict {
             Extract::Found { model, span } => {
                 let Some(route) = snap.route(&model) else {
-                    let e = DataplaneError::ModelNotFound {
-                        model: model.into_owned(),
-                        known: snap.known_models.to_string(),
-                    };
+                    let e = snap.unknown_model(&model);
                     let whole = available as u64 == length;
                     if whole {
                         let _ = buf.split_to(available);
@@ -329,10 +326,7 @@ async fn wait_until_ready(
     // The body may have taken a while: decide on the snapshot of now.
     let mut snap = worker.snapshot();
     let Some(route) = snap.route(name).cloned() else {
-        let e = DataplaneError::ModelNotFound {
-            model: name.into(),
-            known: snap.known_models.to_string(),
-        };
+        let e = snap.unknown_model(name);
         return Err((snap, e));
     };
     if route.state == ModelState::Ready {
@@ -357,10 +351,7 @@ async fn wait_until_ready(
     loop {
         snap = worker.snapshot();
         let Some(route) = snap.route(name).cloned() else {
-            let e = DataplaneError::ModelNotFound {
-                model: name.into(),
-                known: snap.known_models.to_string(),
-            };
+            let e = snap.unknown_model(name);
             return Err((snap, e));
         };
         // Subscribe on the model as it is now (a reload may have replaced it), then make sure

@@ -181,6 +181,14 @@ impl Snapshot {
         self.routes.get(model)
     }
 
+    /// The 404 for a name no model or alias has, listing the known ones.
+    pub fn unknown_model(&self, model: &str) -> crate::DataplaneError {
+        crate::DataplaneError::ModelNotFound {
+            model: model.into(),
+            known: self.known_models.to_string(),
+        }
+    }
+
     /// Fill in the derived fields (routes, lists) from `models`.
     pub fn index(mut self) -> Self {
         let mut routes = HashMap::new();

@@ -458,16 +458,21 @@ startup_timeout_s = 20
     )
 }
 
-/// One field of one model in `GET /gateway/models`.
-pub fn model_field(gw: SocketAddr, name: &str, field: &str) -> serde_json::Value {
+/// The model's object in `GET /gateway/models`.
+pub fn model_entry(gw: SocketAddr, name: &str) -> serde_json::Value {
     let models = get(gw, "/gateway/models").json();
     models
         .as_array()
         .expect("/gateway/models is an array")
         .iter()
         .find(|m| m["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in /gateway/models"))[field]
+        .unwrap_or_else(|| panic!("{name} not in /gateway/models: {models}"))
         .clone()
+}
+
+/// One field of one model in `GET /gateway/models`.
+pub fn model_field(gw: SocketAddr, name: &str, field: &str) -> serde_json::Value {
+    model_entry(gw, name)[field].clone()
 }
 
 /// The model's (single) server address from `/gateway/models`.
@@ -505,4 +510,31 @@ pub fn sim_pid(addr: SocketAddr) -> Option<i32> {
 /// response's last byte is written, so a client can see the response a moment before.
 pub fn counters_settle(gw: SocketAddr, model: &str) -> bool {
     eventually(Duration::from_secs(3), || counters_zero(gw, model))
+}
+
+/// Send a streaming chat request and read up to the first SSE `data:` line; the caller reads
+/// the rest or drops the connection.
+pub fn open_stream(gw: SocketAddr, body: &serde_json::Value) -> BufReader<TcpStream> {
+    let mut stream = TcpStream::connect(gw).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(&raw_request(
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            body.to_string().as_bytes(),
+        ))
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).expect("read stream");
+        assert!(n > 0, "stream closed before any data");
+        if line.starts_with("data: ") {
+            return reader;
+        }
+    }
 }
